@@ -1,0 +1,86 @@
+"""Training throughput and MFU of the jitted train step on this machine.
+
+    python benchmarks/bench_train.py [--steps 5] [--configs nano,bench_201k,bench_201k_compact]
+
+MFU = model FLOPs per second (matmuls of forward + backward, `nanogptoss_jax.flops`) divided by
+this machine's float32 matmul peak, measured in the same run. Random tokens: speed does not
+depend on the data.
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanogptoss_jax.checkpoint import abstract_train_state
+from nanogptoss_jax.config_cli import load_config_file
+from nanogptoss_jax.flops import measure_matmul_peak, train_flops_per_token
+from nanogptoss_jax.models import build_model
+from nanogptoss_jax.train_step import init_train_state, make_train_step
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+COMPACT_VOCAB = 8192  # bench_201k_compact: the same model with a TinyStories-sized vocabulary
+
+
+def load(name: str):
+  if name == "bench_201k_compact":
+    cfg = load_config_file(CONFIGS / "bench_201k.py")
+    return dataclasses.replace(cfg, model=cfg.model.replace(vocab_size=COMPACT_VOCAB))
+  return load_config_file(CONFIGS / f"{name}.py")
+
+
+def bench(name: str, steps: int, batch_size: int | None, peak: float) -> dict:
+  cfg = load(name)
+  if batch_size:
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size))
+  train = cfg.train
+  graphdef, _, tx = abstract_train_state(cfg)
+  state = jax.jit(lambda: init_train_state(build_model(cfg.model, 0), tx))()
+  step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  shape = (train.grad_accum, train.batch_size // train.grad_accum, train.context_len + 1)
+  batch = jnp.asarray(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32))
+  start = time.perf_counter()
+  state, metrics = step_fn(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  tokens = train.batch_size * train.context_len
+  flops = train_flops_per_token(cfg.model, train.context_len) * tokens
+  return {"config": name, "tokens/step": tokens, "step s": step_s, "tokens/s": tokens / step_s,
+          "GFLOP/step": flops / 1e9, "MFU": flops / step_s / peak, "compile s": compile_s,
+          "loss": float(metrics["loss"])}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--configs", default="nano,bench_201k,bench_201k_compact")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
+  args = parser.parse_args()
+  peak = measure_matmul_peak()
+  print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
+        f"f32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3, best of 10)")
+  rows = [bench(name, args.steps, args.batch_size, peak) for name in args.configs.split(",")]
+  header = ["config", "tokens/step", "step s", "tokens/s", "GFLOP/step", "MFU", "compile s"]
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for row in rows:
+    cells = [row["config"], str(row["tokens/step"]), f"{row['step s']:.3f}",
+             f"{row['tokens/s']:,.0f}", f"{row['GFLOP/step']:.1f}", f"{row['MFU']:.1%}",
+             f"{row['compile s']:.1f}"]
+    print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+  main()

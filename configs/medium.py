@@ -1,0 +1,17 @@
+"""Medium GPT-OSS: the seed project's training setup, full o200k_harmony vocabulary."""
+
+from nanogptoss_jax.config import SEED_MEDIUM
+from nanogptoss_jax.run_config import (FULL_VOCAB_SIZE, DataConfig, OptimConfig, RunConfig,
+                                       TrainConfig)
+
+
+def get_config() -> RunConfig:
+  """The seed's run: 12 layers, width 1024, 4 experts (1 per token), AdamW 3e-4 cosine to 3e-5."""
+  return RunConfig(
+      model=SEED_MEDIUM.replace(vocab_size=FULL_VOCAB_SIZE),
+      data=DataConfig(compact_vocab_size=0),  # 0: the full vocabulary
+      optim=OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=100, weight_decay=0.1),
+      train=TrainConfig(steps=5000, batch_size=32, context_len=512, eval_every=250,
+                        ckpt_every=500),
+      run_dir="runs/medium",
+  )

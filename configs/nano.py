@@ -1,0 +1,33 @@
+"""Nano GPT-OSS: small enough to train on a 2-core CPU in about ten minutes on TinyStories."""
+
+from nanogptoss_jax.config import GptOssConfig
+from nanogptoss_jax.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
+
+# A compact vocabulary: 4096 ids cover TinyStories losslessly and shrink the (un)embedding 50x.
+VOCAB_SIZE = 4096
+
+
+def get_config() -> RunConfig:
+  """The nano run; sizes and step counts are first guesses, to be tuned with real timings."""
+  model = GptOssConfig(
+      num_hidden_layers=4,
+      hidden_size=128,
+      head_dim=32,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      num_experts=4,
+      experts_per_token=2,
+      intermediate_size=256,
+      sliding_window=128,
+      rope_theta=150000.0,
+      rope_scaling_factor=1.0,  # no YaRN: we never run past the training window
+      vocab_size=VOCAB_SIZE,
+  )
+  return RunConfig(
+      model=model,
+      data=DataConfig(path="roneneldan/TinyStories", compact_vocab_size=VOCAB_SIZE),
+      optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50),
+      train=TrainConfig(steps=600, batch_size=16, context_len=256, eval_every=100,
+                        ckpt_every=200),
+      run_dir="runs/nano",
+  )

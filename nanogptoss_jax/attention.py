@@ -1,0 +1,144 @@
+"""Causal attention with optional sinks and sliding window, over an optional KV cache.
+
+Everything is driven by explicit token positions: a key is visible to a query when its position
+is known (>= 0), not after the query's, and (on sliding layers) fewer than `window` positions
+before it. The same rule serves training (keys = the sequence itself), prefill and decode
+(keys = the cache), and batches whose rows sit at different positions.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from nanogptoss_jax.config import GptOssConfig
+from nanogptoss_jax.layers import RMSNorm, dtype_of, normal_init, residual_init
+from nanogptoss_jax.rope import apply_rope
+from flax import nnx
+
+# A finite "minus infinity": fully masked rows (padding queries) stay finite instead of NaN,
+# and exp(MASKED - max) is exactly 0 in float32 whenever a row has one visible key.
+MASKED = -1e30
+EMPTY_SLOT = -1  # cache position of a slot that holds no key yet
+
+
+@flax.struct.dataclass
+class LayerCache:
+  """Keys/values of one layer. Full layers hold every position; sliding layers a ring."""
+
+  k: jax.Array  # [B, S, K, H]
+  v: jax.Array  # [B, S, K, H]
+  pos: jax.Array  # [B, S] position stored in each slot, EMPTY_SLOT if none
+
+
+def empty_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> LayerCache:
+  shape = (batch, slots, kv_heads, head_dim)
+  return LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                    pos=jnp.full((batch, slots), EMPTY_SLOT, jnp.int32))
+
+
+def cache_write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
+  """Stores k, v [B, T, K, H] at slot `position % S` (a ring when S < max length).
+
+  Tokens with negative positions (padding) are not stored, nor are tokens that a later token of
+  the same write would overwrite (a prefill longer than a sliding ring): scatter order among
+  duplicate indices is unspecified, so those are routed out of bounds and dropped.
+  """
+  slots = cache.pos.shape[1]
+  newest = positions.max(axis=1, keepdims=True)  # [B, 1]
+  keep = (positions >= 0) & (positions > newest - slots)
+  slot = jnp.where(keep, positions % slots, slots)  # [B, T]; `slots` is out of bounds
+  rows = jnp.arange(positions.shape[0])[:, None]
+  return LayerCache(
+      k=cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop"),
+      v=cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop"),
+      pos=cache.pos.at[rows, slot].set(positions.astype(jnp.int32), mode="drop"))
+
+
+def visible(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+  """[B, T, S] bool: key s is visible to query t (causal, known, within the window)."""
+  q = q_pos[:, :, None]
+  k = k_pos[:, None, :]
+  ok = (k >= 0) & (k <= q)
+  if window is not None:
+    ok &= q - k < window  # `window` keys, the query's own position included
+  return ok
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+           window: int | None, sinks: jax.Array | None) -> jax.Array:
+  """Grouped-query attention: q [B, T, K, G, H], k/v [B, S, K, H] -> [B, T, K, G, H].
+
+  `sinks` [K, G] is one learned logit per query head that joins the softmax as an extra column
+  with no value: it soaks up probability mass (so a head may attend to nothing) and is dropped.
+  """
+  scale = q.shape[-1] ** -0.5
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  mask = visible(q_pos, k_pos, window)[:, None, None]  # [B, 1, 1, T, S]
+  scores = jnp.where(mask, scores, MASKED)
+  peak = scores.max(axis=-1)  # [B, K, G, T]
+  if sinks is not None:
+    sink = sinks.astype(jnp.float32)[None, :, :, None]  # [1, K, G, 1]
+    peak = jnp.maximum(peak, sink)
+  peak = jax.lax.stop_gradient(peak)  # any constant works; this one keeps exp() in range
+  weights = jnp.exp(scores - peak[..., None])
+  total = weights.sum(axis=-1)
+  if sinks is not None:
+    total = total + jnp.exp(sink - peak)
+  weights = weights / total[..., None]
+  return jnp.einsum("bkgts,bskh->btkgh", weights.astype(v.dtype), v)
+
+
+def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: int | None,
+                      sinks: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
+  """Attention of new tokens over themselves (no cache) or over cache + themselves."""
+  if cache is None:
+    return attend(q, k, v, positions, positions, window=window, sinks=sinks), None
+  if window is None:
+    # Full layer: the cache has a slot for every position, so write first and read it whole.
+    cache = cache_write(cache, k, v, positions)
+    out = attend(q, cache.k, cache.v, positions, cache.pos, window=None, sinks=sinks)
+    return out, cache
+  # Sliding layer: the ring holds only the last `window` positions, and a multi-token write
+  # would evict keys that this chunk's earlier queries still need; read ring + chunk, then write.
+  keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)  # [B, S + T, K, H]
+  values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+  key_pos = jnp.concatenate([cache.pos, positions.astype(jnp.int32)], axis=1)
+  out = attend(q, keys, values, positions, key_pos, window=window, sinks=sinks)
+  return out, cache_write(cache, k, v, positions)
+
+
+class Attention(nnx.Module):
+  """GPT-OSS attention block: RMSNorm, fused qkv, RoPE/YaRN, sinks, GQA, output projection."""
+
+  def __init__(self, cfg: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
+    self.num_heads = cfg.num_attention_heads
+    self.kv_heads = cfg.num_key_value_heads
+    self.head_dim = cfg.head_dim
+    self.window = cfg.layer_window(layer)
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
+    qkv_size = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    self.qkv = nnx.Linear(cfg.hidden_size, qkv_size, dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=normal_init(), rngs=rngs)
+    # Sinks start at 0: one extra "key" scoring like an average key, which the model can raise
+    # (heads that should rest) or push towards -inf (plain softmax).
+    self.sinks = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype))
+    self.out = nnx.Linear(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size, dtype=dtype,
+                          param_dtype=param_dtype,
+                          kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+    batch, length, _ = x.shape
+    groups = self.num_heads // self.kv_heads
+    qkv = self.qkv(self.norm(x))
+    q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+    # Query head n = k * G + g shares kv head k, as in the reference's view(T, K, G, H).
+    q = qkv[..., :q_size].reshape(batch, length, self.kv_heads, groups, self.head_dim)  # [B, T, K, G, H]
+    k = qkv[..., q_size:q_size + kv_size].reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
+    v = qkv[..., q_size + kv_size:].reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    sinks = self.sinks[...].reshape(self.kv_heads, groups)  # [K, G]
+    out, cache = attend_with_cache(q, k, v, positions, cache, window=self.window, sinks=sinks)
+    out = out.reshape(batch, length, self.num_heads * self.head_dim)  # [B, T, N * H]
+    return self.out(out), cache

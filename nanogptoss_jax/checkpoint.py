@@ -1,0 +1,145 @@
+"""Orbax checkpoints of the whole run: train state, data-iterator state, config, tokenizer.
+
+Layout under the run directory: `checkpoints/<step>/` (the last K, periodic) and `best/<step>/`
+(lowest validation loss). Orbax writes each step into a temporary directory and renames it when
+complete, so a crash mid-save leaves nothing that looks like a checkpoint.
+"""
+
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nanogptoss_jax.config_cli import config_from_dict, config_to_dict
+from nanogptoss_jax.models import abstract_model, build_model
+from nanogptoss_jax.optim import make_optimizer
+from nanogptoss_jax.run_config import RunConfig
+from nanogptoss_jax.tokenizer import Tokenizer
+from nanogptoss_jax.train_step import init_train_state, split_model
+
+ITEMS = ("state", "data", "meta")
+PERIODIC_DIR, BEST_DIR = "checkpoints", "best"
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint where one was expected."""
+
+
+def _is_key(leaf) -> bool:
+  return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+  """Typed PRNG keys (dropout streams) stored as their raw uint32 data."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_keys_to_data(tree):
+  return jax.tree.map(
+      lambda x: jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x, tree)
+
+
+def _data_to_keys(tree, like):
+  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+                      if _is_key(ref) else x, tree, like)
+
+
+class RunCheckpoints:
+  """Periodic and best-validation checkpoint managers for one run directory."""
+
+  def __init__(self, run_dir: str | pathlib.Path, keep: int = 3):
+    root = pathlib.Path(run_dir).absolute()
+    options = dict(create=True, enable_async_checkpointing=True)
+    self.periodic = ocp.CheckpointManager(
+        root / PERIODIC_DIR, item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
+    self.best = ocp.CheckpointManager(
+        root / BEST_DIR, item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+
+  def save(self, step: int, state, data_state: dict, meta: dict, *, best: bool = False) -> None:
+    managers = [self.periodic] + ([self.best] if best else [])
+    for manager in managers:
+      if step in manager.all_steps():
+        continue
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_keys_to_data(state)),
+          data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    self.periodic.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.periodic.close()
+    self.best.close()
+
+  def latest_step(self) -> int | None:
+    return self.periodic.latest_step()
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool = False):
+  """(step, state, data_state, meta) from the newest readable step; older steps are fallbacks.
+
+  A step that fails to restore (truncated or corrupted files) is reported and skipped, never
+  deleted: the user may still want it.
+  """
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      if meta_only:
+        items = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return step, None, None, items["meta"]
+      items = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state)),
+          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      state = _data_to_keys(items["state"], abstract_state)
+      return step, state, items["data"], items["meta"]
+    except Exception as error:  # noqa: BLE001 - any failure means "this step is unusable"
+      logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
+                      step, manager.directory, error)
+      failures.append(f"step {step}: {type(error).__name__}: {error}")
+  if failures:
+    raise CheckpointError(f"no readable checkpoint in {manager.directory}; every step failed:\n  "
+                          + "\n  ".join(failures) + "\nThe files were left in place.")
+  return None
+
+
+def make_meta(cfg: RunConfig, tokenizer: Tokenizer, step: int, metrics: dict[str, Any]) -> dict:
+  return {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_dict(), "step": step,
+          "metrics": metrics}
+
+
+def read_meta(meta: dict) -> tuple[RunConfig, Tokenizer]:
+  return config_from_dict(meta["config"]), Tokenizer.from_dict(meta["tokenizer"])
+
+
+def abstract_train_state(cfg: RunConfig):
+  """The TrainState's shapes and dtypes for cfg, and the model's graphdef; nothing allocated."""
+  tx = make_optimizer(cfg.optim, cfg.train.steps)
+  graphdef = split_model(abstract_model(cfg.model))[0]
+  state = jax.eval_shape(lambda: init_train_state(build_model(cfg.model, cfg.train.seed), tx))
+  return graphdef, state, tx
+
+
+def load_checkpoint(run_dir: str | pathlib.Path):
+  """(model, tokenizer) from a run directory: its best-validation checkpoint, else the latest."""
+  root = pathlib.Path(run_dir)
+  for sub in (BEST_DIR, PERIODIC_DIR):
+    if (root / sub).is_dir():
+      manager = ocp.CheckpointManager(root.absolute() / sub, item_names=ITEMS,
+                                      options=ocp.CheckpointManagerOptions(read_only=True))
+      if manager.all_steps():
+        break
+  else:
+    raise CheckpointError(f"no checkpoint under {root} (expected {root}/{BEST_DIR}/<step> or "
+                          f"{root}/{PERIODIC_DIR}/<step>); train one with `python train.py "
+                          f"--config configs/nano.py --config.run_dir={root}`")
+  _, _, _, meta = restore(manager, None, meta_only=True)
+  cfg, tokenizer = read_meta(meta)
+  graphdef, abstract_state, _ = abstract_train_state(cfg)
+  _, state, _, _ = restore(manager, abstract_state)
+  return nnx.merge(graphdef, state.params, state.rest), tokenizer

@@ -1,0 +1,184 @@
+"""Mixture-of-experts MLP: router, top-k, SwiGLU experts, and three ways to reach the experts.
+
+`dense` runs every expert on every token (the test oracle). `sorted` groups the token-expert
+assignments by expert into fixed-size row blocks and runs one batched matmul over the blocks
+(fastest on CPU). `ragged` groups the same way and uses `jax.lax.ragged_dot` (the grouped
+matmul GPUs and TPUs are built for). The last two cost O(experts_per_token), not O(num_experts).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanogptoss_jax.config import GptOssConfig
+from nanogptoss_jax.layers import RMSNorm, dtype_of, normal_init, residual_init
+
+SWIGLU_ALPHA = 1.702
+# Rows per block in the `sorted` dispatch: about a quarter of the average group, within bounds.
+# Bigger blocks copy expert weights fewer times; smaller ones waste fewer padded rows.
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 8, 512
+
+
+def swiglu(h: jax.Array, limit: float) -> jax.Array:
+  """The reference's clamped SwiGLU on interleaved channels [..., 2F] -> [..., F]."""
+  gate, linear = h[..., ::2], h[..., 1::2]
+  # Clamping keeps rare huge activations from blowing up (gate only from above, since
+  # gate * sigmoid(gate) is already ~0 for very negative gates).
+  gate = jnp.minimum(gate, limit)
+  linear = jnp.clip(linear, -limit, limit)
+  # `linear + 1`: the reference's extra bias of one on the linear branch.
+  return gate * jax.nn.sigmoid(SWIGLU_ALPHA * gate) * (linear + 1)
+
+
+def resolve_moe_impl(name: str) -> str:
+  if name != "auto":
+    return name
+  return "sorted" if jax.default_backend() == "cpu" else "ragged"
+
+
+class MoE(nnx.Module):
+  """GPT-OSS MLP block: RMSNorm, router with bias, top-k softmax, SwiGLU experts with biases."""
+
+  def __init__(self, cfg: GptOssConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    experts, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    self.norm = RMSNorm(hidden, param_dtype=cfg.param_dtype, rngs=rngs)
+    # The router runs in float32 whatever the compute dtype: top-k on bf16 logits ties often.
+    self.gate = nnx.Linear(hidden, experts, dtype=jnp.float32, param_dtype=param_dtype,
+                           kernel_init=normal_init(), rngs=rngs)
+    # Layouts are [E, in, out] (the reference stores [E, out, in]); mlp1's 2F output channels
+    # interleave gate and linear units, as in the reference.
+    self.mlp1_weight = nnx.Param(normal_init()(rngs.params(), (experts, hidden, 2 * inter), param_dtype))
+    self.mlp1_bias = nnx.Param(jnp.zeros((experts, 2 * inter), param_dtype))
+    self.mlp2_weight = nnx.Param(residual_init(cfg.num_hidden_layers)(
+        rngs.params(), (experts, inter, hidden), param_dtype))
+    self.mlp2_bias = nnx.Param(jnp.zeros((experts, hidden), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *, groups: int = 1, impl: str | None = None
+               ) -> tuple[jax.Array, dict]:
+    """x [B, T, D] -> (MLP output [B, T, D], router statistics for the auxiliary losses).
+
+    Tokens are dispatched to experts within `groups` equal slices of the batch. With the batch
+    sharded over devices, one group per shard keeps the sort and the matmuls device-local.
+    """
+    batch, length, hidden = x.shape
+    if batch % groups:
+      raise ValueError(f"MoE groups={groups} must divide the batch size {batch}")
+    t = self.norm(x).reshape(groups, batch * length // groups, hidden)  # [G', N, D]
+    logits = self.gate(t.astype(jnp.float32))  # [G', N, E]
+    top_logits, top_experts = jax.lax.top_k(logits, self.cfg.experts_per_token)  # [G', N, C]
+    top_weights = jax.nn.softmax(top_logits, axis=-1)  # softmax over the chosen experts only
+    impl = resolve_moe_impl(impl or self.cfg.moe_impl)
+    expert_fn = {"dense": self._dense, "sorted": self._sorted, "ragged": self._ragged}[impl]
+    weights = tuple(p[...].astype(self.dtype) for p in
+                    (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias))
+    weight_axis = None
+    if impl == "ragged":
+      # ragged_dot's batching rule wants every operand batched along axis 0.
+      weights = tuple(jnp.broadcast_to(w, (groups, *w.shape)) for w in weights)
+      weight_axis = 0
+    out = jax.vmap(expert_fn, in_axes=(0, 0, 0, weight_axis))(
+        t.astype(self.dtype), top_experts, top_weights, weights)  # [G', N, D]
+    stats = router_stats(logits.reshape(-1, logits.shape[-1]), top_experts.reshape(-1, top_experts.shape[-1]))
+    return out.reshape(batch, length, hidden).astype(x.dtype), stats
+
+  def _dense(self, t, top_experts, top_weights, weights):
+    """Every expert on every token, combined with zero weight off the top-k (test oracle)."""
+    w1, b1, w2, b2 = weights
+    h = jnp.einsum("nd,edf->nef", t, w1) + b1  # [N, E, 2F]
+    y = jnp.einsum("nef,efd->ned", swiglu(h, self.cfg.swiglu_limit), w2) + b2  # [N, E, D]
+    rows = jnp.arange(t.shape[0])[:, None]
+    combine = jnp.zeros((t.shape[0], self.cfg.num_experts), jnp.float32)
+    combine = combine.at[rows, top_experts].set(top_weights)  # [N, E]
+    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine)
+
+  def _sorted(self, t, top_experts, top_weights, weights):
+    """Assignments sorted by expert, padded into blocks of R rows, one batched matmul."""
+    w1, b1, w2, b2 = weights
+    plan = block_plan(top_experts, self.cfg.num_experts)
+    rows = plan.rows_per_block
+    x = jnp.zeros((plan.num_rows, t.shape[1]), t.dtype).at[plan.dest].set(t[plan.token])
+    x = x.reshape(-1, rows, t.shape[1])  # [blocks, R, D]
+    e = plan.block_expert
+    # One copy of an expert's weights per block (not per token) feeds a batched matmul.
+    h = jnp.einsum("brd,bdf->brf", x, w1[e]) + b1[e][:, None]  # [blocks, R, 2F]
+    y = jnp.einsum("brf,bfd->brd", swiglu(h, self.cfg.swiglu_limit), w2[e]) + b2[e][:, None]
+    y = y.reshape(plan.num_rows, -1)[plan.dest]  # [A, D] in sorted assignment order
+    return combine_sorted(y, plan.order, top_weights)
+
+  def _ragged(self, t, top_experts, top_weights, weights):
+    """Assignments sorted by expert, grouped matmul with `jax.lax.ragged_dot`."""
+    w1, b1, w2, b2 = weights
+    order, expert, token = sort_assignments(top_experts)
+    sizes = jnp.bincount(expert, length=self.cfg.num_experts).astype(jnp.int32)
+    h = jax.lax.ragged_dot(t[token], w1, sizes) + b1[expert]  # [A, 2F]
+    y = jax.lax.ragged_dot(swiglu(h, self.cfg.swiglu_limit), w2, sizes) + b2[expert]  # [A, D]
+    return combine_sorted(y, order, top_weights)
+
+
+def sort_assignments(top_experts: jax.Array):
+  """Sorts the N * C token-expert assignments by expert: (order, expert, token) each [A]."""
+  flat = top_experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  return order, flat[order], order // top_experts.shape[1]
+
+
+def combine_sorted(y: jax.Array, order: jax.Array, top_weights: jax.Array) -> jax.Array:
+  """Un-sorts expert outputs [A, D] and sums each token's C outputs with its router weights."""
+  num_tokens, per_token = top_weights.shape
+  unsorted = jnp.zeros_like(y).at[order].set(y).reshape(num_tokens, per_token, -1)  # [N, C, D]
+  return jnp.einsum("ncd,nc->nd", unsorted.astype(jnp.float32), top_weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+  """Where each sorted assignment goes in the padded block buffer, and each block's expert."""
+
+  order: jax.Array  # [A] assignment index of each sorted position
+  token: jax.Array  # [A] token of each sorted assignment
+  dest: jax.Array  # [A] row of each sorted assignment in the block buffer
+  block_expert: jax.Array  # [blocks]
+  rows_per_block: int
+  num_rows: int
+
+
+def block_plan(top_experts: jax.Array, num_experts: int) -> BlockPlan:
+  """Lays out assignments so that every block of R rows belongs to a single expert."""
+  assignments = top_experts.size
+  rows = _block_rows(assignments, num_experts)
+  # Each non-empty group wastes < R rows of padding, and at most min(E, A) groups are non-empty.
+  num_blocks = -(-(assignments + min(num_experts, assignments) * (rows - 1)) // rows)
+  order, expert, token = sort_assignments(top_experts)
+  sizes = jnp.bincount(expert, length=num_experts)
+  padded = -(-sizes // rows) * rows
+  start = jnp.cumsum(sizes) - sizes  # first sorted assignment of each expert
+  padded_end = jnp.cumsum(padded)
+  dest = (padded_end - padded)[expert] + jnp.arange(assignments) - start[expert]
+  # Block b belongs to the expert whose padded range contains row b * R; blocks past the last
+  # group hold only zero rows and may use any expert.
+  block_start = jnp.arange(num_blocks) * rows
+  block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), num_experts - 1)
+  return BlockPlan(order, token, dest, block_expert, rows, num_blocks * rows)
+
+
+def _block_rows(assignments: int, num_experts: int) -> int:
+  target = max(assignments // (4 * num_experts), 1)
+  rows = 1 << (target.bit_length() - 1)  # largest power of two <= target
+  return max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, rows))
+
+
+def router_stats(logits: jax.Array, top_experts: jax.Array) -> dict:
+  """Per-layer load-balancing (Switch) and z-loss (ST-MoE) terms, and each expert's load."""
+  num_experts = logits.shape[-1]
+  probs = jax.nn.softmax(logits, axis=-1)  # [N, E]
+  load = jnp.bincount(top_experts.reshape(-1), length=num_experts) / top_experts.size  # [E]
+  return {
+      # E * sum_e (fraction of assignments to e) * (mean router probability of e); 1 when even.
+      "load_balance_loss": num_experts * jnp.sum(jax.lax.stop_gradient(load) * probs.mean(0)),
+      "router_z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+      "expert_load": load,
+  }

@@ -1,0 +1,314 @@
+"""Autoregressive sampling with a KV cache: one jitted prefill, then one jitted while_loop.
+
+The prompts (right-padded, padding at position -1) fill the cache in one call; a second call
+runs `lax.while_loop` over an explicit state (cache, last token, positions, stop flags, output
+buffer) until every row stopped or `max_new_tokens` were drawn, so nothing is traced per token.
+Shapes are bucketed (prompt length to a power of two, cache length to a multiple of
+CACHE_LENGTH_MULTIPLE) and both functions are jitted once per model structure and bucket.
+"""
+
+import collections
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanogptoss_jax.attention import LayerCache
+
+# GPT-OSS has no learned position table, but it was trained for (and YaRN stretches RoPE to)
+# 131,072 positions; we refuse to sample past that. GPT-2 stops at max_position_embeddings.
+MAX_POSITIONS = 131072
+MIN_PROMPT_BUCKET = 16  # prefill lengths are powers of two from here, so few shapes compile
+CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up to this
+STREAM_CHUNK_TOKENS = 8  # tokens per jitted call when streaming (the first call draws one)
+# o200k_harmony's <|endoftext|> and <|return|>; used when they fit in the model's vocabulary.
+DEFAULT_STOP_TOKENS = (199999, 200002)
+PAD_TOKEN = 0  # fills the padded prompt tail and finished rows; at position -1 it is never stored
+NO_TOKEN = -1  # output-buffer entry for steps after a row stopped
+PADDING_POSITION = -1
+
+# How often each jitted function was traced (a test checks that a bucket is traced once).
+TRACE_COUNTS = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """The static (compile-time) part of the sampler; temperature and top_p values are traced."""
+
+  greedy: bool
+  top_k: int | None
+  use_top_p: bool
+  stop_tokens: tuple[int, ...]
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Everything the decode loop carries; shapes stay fixed for the whole generation."""
+
+  cache: list[LayerCache]
+  token: jax.Array  # [B] next token to feed (the last one drawn, or the last prompt token)
+  position: jax.Array  # [B] position of `token`
+  done: jax.Array  # [B] bool: the row drew a stop token
+  step: jax.Array  # [] tokens drawn so far (same for all rows)
+  output: jax.Array  # [B, N] drawn tokens, NO_TOKEN after a row stopped
+  key: jax.Array  # the seed's key; step t draws with fold_in(key, t)
+
+
+def filter_logits(logits: jax.Array, top_k: int | None = None,
+                  top_p: float | jax.Array | None = None) -> jax.Array:
+  """Logits [B, V] with -inf outside the k largest, then outside the top-p nucleus of those."""
+  if top_k is None and top_p is None:
+    return logits
+  vocab = logits.shape[-1]
+  if top_k is not None and top_k < vocab:
+    # Exactly k survivors even with ties (a `>= k-th value` threshold would keep every tie).
+    values, indices = jax.lax.top_k(logits, top_k)  # [B, k], descending
+  else:
+    indices = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V]
+    values = jnp.take_along_axis(logits, indices, axis=-1)
+  if top_p is not None:
+    probs = jax.nn.softmax(values, axis=-1)  # renormalised over the top-k survivors
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    # A token joins the nucleus while the tokens before it hold less than top_p: the smallest
+    # set with mass >= top_p. The first token (mass_before 0 < top_p) is always kept.
+    values = jnp.where(mass_before < top_p, values, -jnp.inf)
+  rows = jnp.arange(logits.shape[0])[:, None]
+  return jnp.full_like(logits, -jnp.inf).at[rows, indices].set(values)
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, settings: SamplerSettings,
+                  temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+  """One token per row of logits [B, V] -> [B] int32."""
+  if settings.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits / temperature, settings.top_k,
+                         top_p if settings.use_top_p else None)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _prefill(graphdef, params, tokens, positions, *, cache_length):
+  """Writes the prompts (all but each row's last token) into a fresh cache."""
+  TRACE_COUNTS["prefill"] += 1
+  model = nnx.merge(graphdef, params)
+  cache = model.init_cache(tokens.shape[0], cache_length)
+  # Only the cache is returned, so XLA drops the unembedding (the biggest matmul) as dead code.
+  return model.forward(tokens, positions, cache).cache
+
+
+def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, *,
+            settings: SamplerSettings) -> DecodeState:
+  """Feeds the last token and draws the next, until step == limit or every row stopped."""
+  TRACE_COUNTS["decode"] += 1
+  model = nnx.merge(graphdef, params)
+  stop_tokens = jnp.asarray(settings.stop_tokens, jnp.int32)
+
+  def keep_going(state):
+    return (state.step < limit) & ~jnp.all(state.done)
+
+  def step(state):
+    # Finished rows still run (fixed shapes) but at a padding position, so they store nothing.
+    position = jnp.where(state.done, PADDING_POSITION, state.position)
+    out = model.forward(state.token[:, None], position[:, None], state.cache)
+    key = jax.random.fold_in(state.key, state.step)
+    token = sample_tokens(out.logits[:, 0], key, settings, temperature, top_p)  # [B]
+    token = jnp.where(state.done, NO_TOKEN, token)
+    done = state.done | jnp.any(token[:, None] == stop_tokens, axis=-1)
+    output = jax.lax.dynamic_update_slice(state.output, token[:, None], (0, state.step))
+    return DecodeState(cache=out.cache, token=jnp.where(done, PAD_TOKEN, token),
+                       position=state.position + 1, done=done, step=state.step + 1,
+                       output=output, key=state.key)
+
+  return jax.lax.while_loop(keep_going, step, state)
+
+
+# The model's structure (graphdef) and sampler settings are static: jit's cache, keyed by them
+# and by the argument shapes, holds one compiled function per model kind and bucket.
+_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames="cache_length")
+_decode_jit = jax.jit(_decode, static_argnums=0, static_argnames="settings", donate_argnums=2)
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def prompt_bucket(length: int) -> int:
+  """Padded prefill length: the next power of two, at least MIN_PROMPT_BUCKET."""
+  return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
+
+
+def max_positions(cfg) -> int:
+  """Longest sequence (prompt + new tokens) the model may hold."""
+  return getattr(cfg, "max_position_embeddings", MAX_POSITIONS)
+
+
+def default_stop_tokens(vocab_size: int) -> tuple[int, ...]:
+  """<|endoftext|> and <|return|> when the vocabulary is o200k_harmony-sized, else none."""
+  return tuple(token for token in DEFAULT_STOP_TOKENS if token < vocab_size)
+
+
+def _check_arguments(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens):
+  """Raises ValueError for anything generate() cannot honour, before any compiling."""
+  vocab = cfg.vocab_size
+  if not isinstance(prompts, (list, tuple)) or not prompts:
+    raise ValueError("prompts must be a non-empty list of token-id lists")
+  for row, prompt in enumerate(prompts):
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or ids.size == 0:
+      raise ValueError(f"prompt {row} must be a non-empty list of token ids, got {prompt!r}")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"prompt {row} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab:
+      raise ValueError(f"prompt {row} has token ids outside [0, {vocab}): "
+                       f"min {ids.min()}, max {ids.max()}")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+  longest = max(len(prompt) for prompt in prompts)
+  limit = max_positions(cfg)
+  if longest + max_new_tokens > limit:
+    raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = "
+                     f"{longest + max_new_tokens} exceeds the {limit} positions this model "
+                     "supports (max_position_embeddings for GPT-2, MAX_POSITIONS for GPT-OSS)")
+  if not temperature >= 0:  # also refuses NaN
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+  if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+    raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+  if stop_tokens is not None:
+    bad = [token for token in stop_tokens if not 0 <= token < vocab]
+    if bad:
+      raise ValueError(f"stop_tokens must lie in [0, {vocab}), got {bad}")
+
+
+def _trim(tokens: np.ndarray, stop_tokens: tuple[int, ...]) -> list[int]:
+  """A row of the output buffer up to (excluding) its stop token or first empty step."""
+  result = []
+  for token in tokens.tolist():
+    if token == NO_TOKEN or token in stop_tokens:
+      break
+    result.append(token)
+  return result
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_tokens: Sequence[int] | None = None,
+             callback: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
+  """New tokens for each prompt, ending before its first stop token (which is not returned).
+
+  temperature 0 is greedy; otherwise logits / temperature, then top_k, then top_p, then a draw
+  with key fold_in(key(seed), step). stop_tokens defaults to <|endoftext|> and <|return|> when
+  they fit the vocabulary. `callback`, if given, gets each step's token per row, None for a row
+  that already stopped or is stopping (the stop token itself is never reported).
+  """
+  cfg = model.cfg
+  _check_arguments(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+  stop = tuple(int(t) for t in (default_stop_tokens(cfg.vocab_size) if stop_tokens is None
+                                else stop_tokens))
+  settings = SamplerSettings(greedy=temperature == 0, top_k=None if top_k is None else int(top_k),
+                             use_top_p=top_p is not None and temperature != 0,
+                             stop_tokens=tuple(sorted(set(stop))))
+  batch = len(prompts)
+  lengths = np.array([len(prompt) for prompt in prompts])
+  # The prefill takes all but the last prompt token: that one is fed by the first decode step,
+  # whose logits then come out of the same compiled step as every later token's.
+  bucket = prompt_bucket(int(lengths.max()) - 1)
+  cache_length = _round_up(bucket + max_new_tokens, CACHE_LENGTH_MULTIPLE)
+  tokens = np.full((batch, bucket), PAD_TOKEN, np.int32)  # [B, T]
+  positions = np.full((batch, bucket), PADDING_POSITION, np.int32)  # [B, T]
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt) - 1] = prompt[:-1]
+    positions[row, :len(prompt) - 1] = np.arange(len(prompt) - 1)
+
+  graphdef, params = nnx.split(model)
+  cache = _prefill_jit(graphdef, params, tokens, positions, cache_length=cache_length)
+  state = DecodeState(
+      cache=cache, token=jnp.asarray([prompt[-1] for prompt in prompts], jnp.int32),
+      position=jnp.asarray(lengths - 1, jnp.int32), done=jnp.zeros((batch,), bool),
+      step=jnp.zeros((), jnp.int32), output=jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32),
+      key=jax.random.key(seed))
+  decode = partial(_decode_jit, graphdef, params, settings=settings)
+  temperature = jnp.float32(max(temperature, 0.0) or 1.0)  # unused when greedy
+  top_p = jnp.float32(1.0 if top_p is None else top_p)
+  if callback is None:
+    state = decode(state, max_new_tokens, temperature, top_p)
+    output = np.asarray(state.output)
+  else:
+    output = _stream(decode, state, max_new_tokens, temperature, top_p, settings, callback)
+  return [_trim(row, settings.stop_tokens) for row in output]
+
+
+def _stream(decode, state, max_new_tokens, temperature, top_p, settings, callback) -> np.ndarray:
+  """Runs the decode loop a chunk at a time (one compiled function), reporting each step."""
+  reported, limit = 0, 1  # a one-token first chunk: the first token shows up quickly
+  while True:
+    state = decode(state, limit, temperature, top_p)
+    step, done, output = jax.device_get((state.step, state.done, state.output))
+    for t in range(reported, int(step)):
+      callback([None if token == NO_TOKEN or token in settings.stop_tokens else int(token)
+                for token in output[:, t]])
+    reported = int(step)
+    if reported >= max_new_tokens or done.all():
+      return output
+    limit = min(reported + STREAM_CHUNK_TOKENS, max_new_tokens)
+
+
+class _TextStream:
+  """Turns a growing id list into text pieces without splitting a multi-byte character."""
+
+  def __init__(self, tokenizer, emit: Callable[[str], None]):
+    self.tokenizer, self.emit = tokenizer, emit
+    self.ids, self.shown = [], ""
+
+  def add(self, tokens: list[int | None]) -> None:
+    if tokens[0] is not None:
+      self.ids.append(tokens[0])
+      self._show(final=False)
+
+  def _show(self, final: bool) -> None:
+    # Decoding the whole list each time keeps shown text exact; a trailing U+FFFD may be a
+    # character whose remaining bytes are still to come, so it waits unless this is the end.
+    text = self.tokenizer.decode(self.ids)
+    if not final:
+      text = text.rstrip("\ufffd")
+    if len(text) > len(self.shown) and text.startswith(self.shown):
+      self.emit(text[len(self.shown):])
+      self.shown = text
+
+  def finish(self) -> None:
+    self._show(final=True)
+
+
+def _print_piece(piece: str) -> None:
+  sys.stdout.write(piece)
+  sys.stdout.flush()
+
+
+def generate_text(model, tokenizer, prompts: list[str] | str, max_new_tokens: int, *,
+                  stream: bool | Callable[[str], None] = False, **kwargs) -> list[str] | str:
+  """Text continuations of text prompts (a str gives a str); kwargs go to generate().
+
+  stop_tokens defaults to tokenizer.stop_ids. stream=True prints a single prompt's text to
+  stdout as it is drawn; a callable stream receives the text pieces instead.
+  """
+  single = isinstance(prompts, str)
+  texts = [prompts] if single else list(prompts)
+  kwargs.setdefault("stop_tokens", tokenizer.stop_ids)
+  text_stream = None
+  if stream:
+    if len(texts) != 1:
+      raise ValueError(f"stream needs a single prompt, got {len(texts)}")
+    text_stream = _TextStream(tokenizer, _print_piece if stream is True else stream)
+    kwargs["callback"] = text_stream.add
+  new_tokens = generate(model, [tokenizer.encode(text) for text in texts], max_new_tokens,
+                        **kwargs)
+  if text_stream is not None:
+    text_stream.finish()
+  outputs = [tokenizer.decode(tokens) for tokens in new_tokens]
+  return outputs[0] if single else outputs

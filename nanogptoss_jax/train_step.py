@@ -1,0 +1,92 @@
+"""The pure, jitted train and eval steps over an explicit train-state pytree."""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nanogptoss_jax.run_config import RunConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  """Everything that changes during training (the checkpoint's array part)."""
+
+  step: jax.Array  # int32 scalar: optimiser updates done
+  params: Any  # nnx.State of nnx.Param
+  rest: Any  # nnx.State of the model's other variables (e.g. dropout RNG counters)
+  opt_state: Any
+
+
+def split_model(model):
+  """(graphdef, params, rest): the static structure and the two kinds of state."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def init_train_state(model, tx: optax.GradientTransformation) -> TrainState:
+  _, params, rest = split_model(model)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                    opt_state=tx.init(params))
+
+
+def token_losses(model, batch: jax.Array, moe_groups: int = 1):
+  """Next-token cross-entropy [B, T] of windows batch [B, T + 1], and the model's aux stats."""
+  out = model.forward(batch[:, :-1], moe_groups=moe_groups)
+  losses = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch[:, 1:])
+  return losses, out.aux
+
+
+def _loss(params, graphdef, rest, batch, cfg: RunConfig, moe_groups: int):
+  model = nnx.merge(graphdef, params, rest)
+  losses, aux = token_losses(model, batch, moe_groups)
+  loss = losses.mean()
+  metrics = {"loss": loss}
+  total = loss
+  if aux:
+    # Mean over layers: the coefficients then mean the same thing at every depth.
+    balance, z_loss = aux["load_balance_loss"].mean(), aux["router_z_loss"].mean()
+    total = total + cfg.train.load_balance_coef * balance + cfg.train.router_z_coef * z_loss
+    metrics |= {"load_balance_loss": balance, "router_z_loss": z_loss,
+                "expert_load": aux["expert_load"]}  # [L, E]
+  return total, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+
+def make_train_step(graphdef, cfg: RunConfig, tx: optax.GradientTransformation,
+                    moe_groups: int = 1) -> Callable:
+  """train_step(state, batch [accum, B/accum, T + 1]) -> (state, metrics); not yet jitted."""
+  grad_fn = jax.value_and_grad(_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: jax.Array):
+    def micro_step(carry, micro_batch):
+      grads_sum, rest = carry
+      (_, (metrics, rest)), grads = grad_fn(state.params, graphdef, rest, micro_batch, cfg,
+                                            moe_groups)
+      return (jax.tree.map(jnp.add, grads_sum, grads), rest), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, rest), metrics = jax.lax.scan(micro_step, (zeros, state.rest), batch)
+    accum = batch.shape[0]
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, moe_groups: int = 1) -> Callable:
+  """eval_step(params, rest, batch [B, T + 1]) -> summed token loss (float32 scalar)."""
+
+  def eval_step(params, rest, batch):
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()  # dropout off
+    losses, _ = token_losses(model, batch, moe_groups)
+    return losses.sum()
+
+  return eval_step

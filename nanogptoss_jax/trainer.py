@@ -1,0 +1,310 @@
+"""The training loop: data, mesh, jitted step, evals, samples, logs, checkpoints, resume."""
+
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from nanogptoss_jax import checkpoint as ckpt
+from nanogptoss_jax import sharding
+from nanogptoss_jax.config_cli import config_to_dict, validate_run_config
+from nanogptoss_jax.data import make_train_iterator, prepare_data, val_windows
+from nanogptoss_jax.optim import lr_schedule
+from nanogptoss_jax.plots import plot_run
+from nanogptoss_jax.run_config import RunConfig
+from nanogptoss_jax.sampling import generate_text
+from nanogptoss_jax.train_step import init_train_state, make_eval_step, make_train_step
+from nanogptoss_jax.models import build_model
+
+METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or Inf."""
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag so the loop can save and exit between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C means "now"
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class MetricsLog:
+  """Appends dicts to metrics.jsonl (and TensorBoard when tensorboardX is installed)."""
+
+  def __init__(self, run_dir: pathlib.Path, enabled: bool):
+    self.path = run_dir / METRICS_FILE
+    self.enabled = enabled
+    self.writer = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter  # optional
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+      except ImportError:
+        pass
+
+  def write(self, row: dict) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.writer:
+      for key, value in row.items():
+        if isinstance(value, (int, float)) and key != "step":
+          self.writer.add_scalar(key, value, row["step"])
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows past `step` (written after the checkpoint a resume starts from)."""
+    if self.enabled and self.path.exists():
+      rows = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= step]
+      self.path.write_text("".join(line + "\n" for line in rows))
+
+
+def _check_compatible(cfg: RunConfig, saved: dict, run_dir: pathlib.Path) -> None:
+  current = config_to_dict(cfg)
+  for section in ("model", "data"):
+    if saved[section] != current[section]:
+      raise ValueError(
+          f"{run_dir} holds a run with a different {section} config, so it cannot be resumed "
+          f"with this one.\n  saved:   {saved[section]}\n  current: {current[section]}\n"
+          f"Use another --config.run_dir, or move that directory away (nothing was deleted).")
+
+
+class Trainer:
+  """One training run; `run()` trains (or resumes) to cfg.train.steps and returns final metrics."""
+
+  def __init__(self, cfg: RunConfig, *, progress: bool = True):
+    sharding.maybe_initialize_distributed()
+    validate_run_config(cfg)
+    self.cfg, self.progress = cfg, progress
+    self.run_dir = pathlib.Path(cfg.run_dir)
+    self.is_main = jax.process_index() == 0
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    self.checkpoints = ckpt.RunCheckpoints(self.run_dir, cfg.train.keep_checkpoints)
+    self.log = MetricsLog(self.run_dir, self.is_main)
+
+    resume = self._read_resume_meta()
+    saved_tokenizer = ckpt.Tokenizer.from_dict(resume["tokenizer"]) if resume else None
+    self.tokenizer, self.train_stream, self.val_stream = prepare_data(cfg.data, saved_tokenizer)
+
+    self.mesh = sharding.make_mesh(cfg.train.fsdp)
+    self.graphdef, abstract_state, tx = ckpt.abstract_train_state(cfg)
+    self.state_shardings = sharding.state_shardings(self.mesh, abstract_state)
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+    # One MoE dispatch group per batch shard keeps expert routing device-local.
+    self.moe_groups = self.mesh.size if micro_batch % self.mesh.size == 0 else 1
+    self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))  # [accum, B, T+1]
+    self.eval_sharding = sharding.batch_sharding(self.mesh)
+    self.train_step = jax.jit(
+        make_train_step(self.graphdef, cfg, tx, self.moe_groups),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, None), donate_argnums=0)
+    eval_fn = make_eval_step(self.graphdef, self.moe_groups)
+    self.eval_step = jax.jit(eval_fn, in_shardings=(self.state_shardings.params,
+                                                     self.state_shardings.rest, self.eval_sharding))
+
+    self.data_iter = make_train_iterator(
+        self.train_stream, cfg.train.context_len, cfg.train.batch_size, cfg.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    self.best_val = math.inf
+    if resume:
+      step, state, data_state, meta = ckpt.restore(
+          self.checkpoints.periodic, self._with_shardings(abstract_state))
+      self.state = state
+      self.data_iter.set_state(data_state)
+      self.best_val = meta["metrics"].get("best_val_loss", math.inf)
+      self.log.truncate_after(step)
+      logging.info("resumed %s at step %d", self.run_dir, step)
+    else:
+      init = lambda: init_train_state(build_model(cfg.model, cfg.train.seed), tx)
+      self.state = jax.jit(init, out_shardings=self.state_shardings)()
+    self.val_data = val_windows(self.val_stream, cfg.train.context_len, cfg.data.val_windows)
+    self.lr_schedule = lr_schedule(cfg.optim, cfg.train.steps)
+    self._recent_losses, self._tokens_per_s = [], 0.0
+    self._reset_clock()
+
+  def _with_shardings(self, abstract_state):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, self.state_shardings)
+
+  def _read_resume_meta(self) -> dict | None:
+    if self.checkpoints.latest_step() is None:
+      return None
+    _, _, _, meta = ckpt.restore(self.checkpoints.periodic, None, meta_only=True)
+    _check_compatible(self.cfg, meta["config"], self.run_dir)
+    return meta
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.cfg.train.batch_size * self.cfg.train.context_len
+
+  def model(self):
+    """The current model (a view on the train state's arrays)."""
+    return nnx.merge(self.graphdef, self.state.params, self.state.rest)
+
+  def _next_batch(self) -> jax.Array:
+    local = np.asarray(next(self.data_iter), dtype=np.int32)  # [b, T + 1] this process's rows
+    local = local.reshape(self.cfg.train.grad_accum, -1, local.shape[-1])  # [accum, b / accum, T + 1]
+    return sharding.global_batch(local, self.batch_sharding)
+
+  def evaluate(self) -> dict:
+    """Validation loss (nats/token) and bits-per-byte over the fixed validation windows."""
+    batch_size = self.cfg.train.batch_size // self.cfg.train.grad_accum
+    count = len(self.val_data) // batch_size * batch_size  # whole batches: one compiled shape
+    if count == 0:
+      raise ValueError(f"validation split has {len(self.val_data)} windows, fewer than one batch "
+                       f"of {batch_size}; lower train.batch_size or train.context_len")
+    total = 0.0
+    per_process = batch_size // jax.process_count()
+    for start in range(0, count, batch_size):
+      rows = self.val_data[start + jax.process_index() * per_process:][:per_process]
+      batch = sharding.global_batch(rows.astype(np.int32), self.eval_sharding)
+      total += float(self.eval_step(self.state.params, self.state.rest, batch))
+    val_loss = total / (count * self.cfg.train.context_len)
+    bits_per_byte = val_loss / math.log(2) / self.val_stream.bytes_per_token
+    return {"val_loss": val_loss, "val_bpb": bits_per_byte}
+
+  def sample(self) -> str:
+    train = self.cfg.train
+    return generate_text(self.model(), self.tokenizer, train.sample_prompt, train.sample_tokens,
+                         temperature=0.8, top_k=50, seed=self.step)
+
+  def _save(self, metrics: dict, best: bool = False) -> None:
+    meta = ckpt.make_meta(self.cfg, self.tokenizer, self.step,
+                          metrics | {"best_val_loss": self.best_val})
+    self.checkpoints.save(self.step, self.state, self.data_iter.get_state(), meta, best=best)
+
+  def run(self) -> dict:
+    """Trains to cfg.train.steps (or until SIGTERM/SIGINT, after saving); returns last metrics."""
+    cfg = self.cfg.train
+    if self.step >= cfg.steps:
+      logging.info("run in %s is already at step %d of %d", self.run_dir, self.step, cfg.steps)
+      return self._finish(self.evaluate())
+    self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    disable=not (self.progress and self.is_main))
+    last, pending = {}, None  # pending: (step, device metrics), fetched after the next dispatch
+    with _StopRequest() as stop:
+      while self.step < cfg.steps and not stop.requested:
+        first = pending is None and not last
+        self.state, metrics = self.train_step(self.state, self._next_batch())
+        if first:
+          self._reset_clock()  # the first call compiled; don't count that as training time
+        if pending:
+          last = self._record(*pending)
+        pending, step = (self.step, metrics), self.step
+        at_eval = step % cfg.eval_every == 0 or step == cfg.steps
+        if at_eval or step % cfg.ckpt_every == 0 or stop.requested:
+          # Only a state whose loss was seen finite is evaluated or saved.
+          last, pending = self._record(*pending), None
+          if at_eval:
+            last |= self._eval_and_log(step)
+          else:
+            self._save(last)
+          self._reset_clock()
+    self.bar.close()
+    if self.step < cfg.steps:
+      logging.warning("stopped: step %d saved in %s; rerun the same command to resume",
+                      self.step, self.run_dir)
+      self.checkpoints.wait()
+      return last
+    return self._finish(last)
+
+  def _reset_clock(self) -> None:
+    self._clock, self._clock_step = time.perf_counter(), self.step
+
+  def _record(self, step: int, metrics: dict) -> dict:
+    """Fetches one step's metrics, stops on NaN/Inf, logs every log_every steps."""
+    metrics = jax.device_get(metrics)
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      self.checkpoints.wait()
+      saved = self.checkpoints.latest_step()
+      raise TrainingDivergedError(
+          f"loss became {loss} at step {step} (grad norm {grad_norm}). The last good checkpoint "
+          f"({'step ' + str(saved) if saved is not None else 'none yet'}) in {self.run_dir} is "
+          f"intact. Try a lower --config.optim.lr or a longer --config.optim.warmup_steps, then "
+          f"rerun the same command: it resumes from that checkpoint.")
+    self._recent_losses.append(loss)
+    row = {"step": step, "tokens": step * self.tokens_per_step, "loss": loss,
+           "grad_norm": grad_norm, "lr": float(self.lr_schedule(step - 1))}
+    for key in ("load_balance_loss", "router_z_loss"):
+      if key in metrics:
+        row[key] = float(metrics[key])
+    if "expert_load" in metrics:
+      row["expert_load"] = np.round(metrics["expert_load"], 4).tolist()  # [L, E]
+    elapsed = time.perf_counter() - self._clock
+    if step > self._clock_step and elapsed > 0:
+      self._tokens_per_s = (step - self._clock_step) * self.tokens_per_step / elapsed
+    row["tokens_per_s"] = self._tokens_per_s
+    self.bar.update(step - self.bar.n)
+    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._tokens_per_s:,.0f}")
+    if step % self.cfg.train.log_every == 0:
+      self.log.write(row)
+    return row
+
+  def _eval_and_log(self, step: int) -> dict:
+    result = self.evaluate()
+    if self._recent_losses:
+      result["train_loss"] = float(np.mean(self._recent_losses))
+      self._recent_losses.clear()
+    best = result["val_loss"] < self.best_val
+    self.best_val = min(self.best_val, result["val_loss"])
+    result["sample"] = self.sample()
+    self.log.write({"step": step, "tokens": step * self.tokens_per_step} | result)
+    if self.is_main:
+      tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, "
+                 f"val bpb {result['val_bpb']:.4f}\n  sample: {result['sample']!r}")
+    self._save(result, best=best)
+    return result
+
+  def _finish(self, last: dict) -> dict:
+    self.checkpoints.wait()
+    if self.is_main and self.log.path.exists():
+      plot_run(self.log.path, self.run_dir / PLOT_FILE)
+    return last
+
+  def close(self) -> None:
+    self.checkpoints.wait()
+    self.checkpoints.close()
+
+
+def train(cfg: RunConfig, *, progress: bool = True) -> dict:
+  """Trains (or resumes) the run that cfg describes; returns the last metrics."""
+  trainer = Trainer(cfg, progress=progress)
+  try:
+    return trainer.run()
+  finally:
+    trainer.close()

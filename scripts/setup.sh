@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv and installs nanogptoss-jax into it. Usage: bash scripts/setup.sh [test]
+# With "test": also the test extras and OpenAI's reference implementation (the torch oracle).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+if [ "${1:-}" = "test" ]; then
+  python -m pip install --quiet -e ".[test]"
+  # gpt-oss 0.0.9 declares Python >= 3.12 and heavy serving deps; its torch model needs neither.
+  python -m pip install --quiet --no-deps --ignore-requires-python gpt-oss==0.0.9
+else
+  python -m pip install --quiet -e .
+fi

@@ -1,0 +1,43 @@
+"""Session setup shared by every test: an offline tiktoken cache and paths to the shared data."""
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# The repository's parent holds shared/ (tiktoken cache, TinyStories sample), here and in CI.
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+TIKTOKEN_SOURCE_DIR = SHARED_DIR / "tiktoken"
+TINYSTORIES_DIR = SHARED_DIR / "data" / "tinystories"
+
+
+def _use_offline_tiktoken_cache() -> None:
+  """Points tiktoken at a writable copy of shared/tiktoken unless the user chose a cache."""
+  if "TIKTOKEN_CACHE_DIR" in os.environ or not TIKTOKEN_SOURCE_DIR.is_dir():
+    return
+  cache_dir = Path(tempfile.mkdtemp(prefix="tiktoken-cache-"))
+  atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+  # Copy file contents only: the shared folder is read-only and tiktoken may write beside the file.
+  for source in TIKTOKEN_SOURCE_DIR.iterdir():
+    if source.is_file():
+      shutil.copyfile(source, cache_dir / source.name)
+  os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
+
+
+# At import, before any test module loads tiktoken.
+_use_offline_tiktoken_cache()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+  """The shared/ folder beside the repository."""
+  return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def tinystories_dir() -> Path:
+  """The TinyStories sample (train/valid .txt and an hf/ parquet mirror)."""
+  return TINYSTORIES_DIR
