@@ -97,12 +97,14 @@ def _txt_file_for_split(path: str, split: str) -> str:
   """The .txt file holding split: path itself, or its sibling named with the split's word."""
   directory, name = os.path.split(os.path.abspath(path))
   wanted = _split_word(split)
-  if wanted in name:
+  words_in_name = [word for word in sorted(set(SPLIT_FILE_WORDS.values())) if word in name]
+  # A file named after no split (stories.txt) is training text.
+  if wanted in name or (not words_in_name and wanted == SPLIT_FILE_WORDS["train"]):
     return path
   # TinyStoriesV2-GPT4-train.txt -> TinyStoriesV2-GPT4-valid.txt, so one path names both splits.
-  for word in set(SPLIT_FILE_WORDS.values()):
+  for word in words_in_name:
     sibling = os.path.join(directory, name.replace(word, wanted))
-    if word in name and os.path.isfile(sibling):
+    if os.path.isfile(sibling):
       return sibling
   raise DataUnavailableError(
       f"split {split!r}: {path} has no sibling .txt file with {wanted!r} in its name; point "

@@ -39,12 +39,11 @@ TRACE_COUNTS = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
-  """The static (compile-time) part of the sampler; temperature and top_p values are traced."""
+  """The static (compile-time) part of the sampler; temperature, top_p and stop ids are traced."""
 
   greedy: bool
   top_k: int | None
   use_top_p: bool
-  stop_tokens: tuple[int, ...]
 
 
 @flax.struct.dataclass
@@ -101,12 +100,11 @@ def _prefill(graphdef, params, tokens, positions, *, cache_length):
   return model.forward(tokens, positions, cache).cache
 
 
-def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, *,
+def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, stop_tokens, *,
             settings: SamplerSettings) -> DecodeState:
   """Feeds the last token and draws the next, until step == limit or every row stopped."""
   TRACE_COUNTS["decode"] += 1
   model = nnx.merge(graphdef, params)
-  stop_tokens = jnp.asarray(settings.stop_tokens, jnp.int32)
 
   def keep_going(state):
     return (state.step < limit) & ~jnp.all(state.done)
@@ -212,8 +210,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   stop = tuple(int(t) for t in (default_stop_tokens(cfg.vocab_size) if stop_tokens is None
                                 else stop_tokens))
   settings = SamplerSettings(greedy=temperature == 0, top_k=None if top_k is None else int(top_k),
-                             use_top_p=top_p is not None and temperature != 0,
-                             stop_tokens=tuple(sorted(set(stop))))
+                             use_top_p=top_p is not None and temperature != 0)
   batch = len(prompts)
   lengths = np.array([len(prompt) for prompt in prompts])
   # The prefill takes all but the last prompt token: that one is fed by the first decode step,
@@ -233,25 +230,29 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
       position=jnp.asarray(lengths - 1, jnp.int32), done=jnp.zeros((batch,), bool),
       step=jnp.zeros((), jnp.int32), output=jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32),
       key=jax.random.key(seed))
+  # Sampler values are traced, so changing them (or which ids stop) compiles nothing new.
   decode = partial(_decode_jit, graphdef, params, settings=settings)
-  temperature = jnp.float32(max(temperature, 0.0) or 1.0)  # unused when greedy
+  temperature = jnp.float32(temperature if temperature > 0 else 1.0)  # unused when greedy
   top_p = jnp.float32(1.0 if top_p is None else top_p)
+  stop_array = jnp.asarray(stop, jnp.int32)  # [number of stop ids]
   if callback is None:
-    state = decode(state, max_new_tokens, temperature, top_p)
+    state = decode(state, max_new_tokens, temperature, top_p, stop_array)
     output = np.asarray(state.output)
   else:
-    output = _stream(decode, state, max_new_tokens, temperature, top_p, settings, callback)
-  return [_trim(row, settings.stop_tokens) for row in output]
+    # Positional arguments only: jit keys its cache on how arguments are passed, too.
+    output = _stream(lambda state, limit: decode(state, limit, temperature, top_p, stop_array),
+                     state, max_new_tokens, stop, callback)
+  return [_trim(row, stop) for row in output]
 
 
-def _stream(decode, state, max_new_tokens, temperature, top_p, settings, callback) -> np.ndarray:
+def _stream(decode, state, max_new_tokens, stop, callback) -> np.ndarray:
   """Runs the decode loop a chunk at a time (one compiled function), reporting each step."""
   reported, limit = 0, 1  # a one-token first chunk: the first token shows up quickly
   while True:
-    state = decode(state, limit, temperature, top_p)
+    state = decode(state, limit)
     step, done, output = jax.device_get((state.step, state.done, state.output))
     for t in range(reported, int(step)):
-      callback([None if token == NO_TOKEN or token in settings.stop_tokens else int(token)
+      callback([None if token == NO_TOKEN or token in stop else int(token)
                 for token in output[:, t]])
     reported = int(step)
     if reported >= max_new_tokens or done.all():

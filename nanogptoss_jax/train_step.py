@@ -72,7 +72,7 @@ def make_train_step(graphdef, cfg: RunConfig, tx: optax.GradientTransformation,
     accum = batch.shape[0]
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics

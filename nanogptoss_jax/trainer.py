@@ -207,9 +207,14 @@ class Trainer:
                           metrics | {"best_val_loss": self.best_val})
     self.checkpoints.save(self.step, self.state, self.data_iter.get_state(), meta, best=best)
 
-  def run(self) -> dict:
-    """Trains to cfg.train.steps (or until SIGTERM/SIGINT, after saving); returns last metrics."""
+  def run(self, until: int | None = None) -> dict:
+    """Trains to cfg.train.steps and returns the last metrics.
+
+    Stops early, after saving, at step `until` (to train in slices, e.g. from a notebook) or on
+    SIGTERM/SIGINT; the same config then resumes exactly where it stopped.
+    """
     cfg = self.cfg.train
+    until = min(until or cfg.steps, cfg.steps)
     if self.step >= cfg.steps:
       logging.info("run in %s is already at step %d of %d", self.run_dir, self.step, cfg.steps)
       return self._finish(self.evaluate())
@@ -217,7 +222,7 @@ class Trainer:
                     disable=not (self.progress and self.is_main))
     last, pending = {}, None  # pending: (step, device metrics), fetched after the next dispatch
     with _StopRequest() as stop:
-      while self.step < cfg.steps and not stop.requested:
+      while self.step < until and not stop.requested:
         first = pending is None and not last
         self.state, metrics = self.train_step(self.state, self._next_batch())
         if first:
@@ -226,7 +231,7 @@ class Trainer:
           last = self._record(*pending)
         pending, step = (self.step, metrics), self.step
         at_eval = step % cfg.eval_every == 0 or step == cfg.steps
-        if at_eval or step % cfg.ckpt_every == 0 or stop.requested:
+        if at_eval or step % cfg.ckpt_every == 0 or step == until or stop.requested:
           # Only a state whose loss was seen finite is evaluated or saved.
           last, pending = self._record(*pending), None
           if at_eval:

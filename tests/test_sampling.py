@@ -1,0 +1,228 @@
+"""Sampling: cached decoding equals the full forward, greedy equals argmax recompute, filters,
+seeds, stop tokens, argument checks, and no retracing within a shape bucket."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanogptoss_jax import sampling
+from nanogptoss_jax.config import Gpt2Config, GptOssConfig
+from nanogptoss_jax.gpt2 import Gpt2
+from nanogptoss_jax.gptoss import GptOss
+from nanogptoss_jax.sampling import filter_logits, generate, generate_text
+
+VOCAB = 97
+WINDOW = 8
+REL_TOL = 1e-4
+# Every generate() call below uses this many new tokens, so tests share compiled functions.
+NEW_TOKENS = 12
+# Different lengths in one batch (right padding); the second passes the sliding window.
+PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 60, 7, 31, 8, 12, 70, 4]]
+SAMPLES = 20000  # draws for the frequency checks: ~0.004 standard error on a probability
+
+
+@pytest.fixture(scope="module")
+def gptoss():
+  cfg = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=VOCAB,
+                     hidden_size=32, intermediate_size=16, head_dim=8, num_attention_heads=4,
+                     num_key_value_heads=2, sliding_window=WINDOW, rope_scaling_factor=1.0)
+  return GptOss(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+  cfg = Gpt2Config(num_hidden_layers=2, vocab_size=VOCAB, hidden_size=32, num_attention_heads=4,
+                   max_position_embeddings=64)
+  return Gpt2(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(params=["gptoss", "gpt2"])
+def model(request):
+  return request.getfixturevalue(request.param)
+
+
+def assert_close(actual, expected, what):
+  error = float(jnp.max(jnp.abs(actual - expected)) / jnp.max(jnp.abs(expected)))
+  assert error <= REL_TOL, f"{what}: relative error {error:.2e}"
+
+
+def test_cached_forward_matches_full_forward(model):
+  """Chunks longer than the window, then single tokens, over a right-padded batch of 40 and 27."""
+  lengths = [40, 27]
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, (2, max(lengths)))
+  positions = np.where(np.arange(max(lengths)) < np.array(lengths)[:, None],
+                       np.arange(max(lengths)), -1)  # [B, T]; -1 pads the short row
+  full = [model(jnp.asarray(tokens[row:row + 1, :n]))[0] for row, n in enumerate(lengths)]
+  cache = model.init_cache(2, 64)
+  # 12 and 10 tokens: each chunk evicts ring entries that its own first queries still need.
+  bounds = [0, 12, 22] + list(range(23, max(lengths) + 1))
+  for start, end in zip(bounds[:-1], bounds[1:]):
+    out = model.forward(jnp.asarray(tokens[:, start:end]), jnp.asarray(positions[:, start:end]),
+                        cache)
+    cache = out.cache
+    for row, n in enumerate(lengths):
+      if start < n:
+        stop = min(end, n)
+        assert_close(out.logits[row, :stop - start], full[row][start:stop],
+                     f"row {row}, positions {start}..{stop - 1}")
+
+
+def argmax_recompute(model, prompt, steps):
+  """The reference sampler: full forward over the whole sequence for every new token."""
+  sequence = list(prompt)
+  for _ in range(steps):
+    sequence.append(int(jnp.argmax(model(jnp.asarray([sequence]))[0, -1])))
+  return sequence[len(prompt):]
+
+
+def test_greedy_generate_equals_argmax_recompute(model):
+  expected = [argmax_recompute(model, prompt, NEW_TOKENS) for prompt in PROMPTS]
+  assert generate(model, PROMPTS, NEW_TOKENS, temperature=0, stop_tokens=[]) == expected
+
+
+def test_tiny_nucleus_after_top_k_is_greedy(gptoss):
+  greedy = generate(gptoss, PROMPTS, NEW_TOKENS, temperature=0, stop_tokens=[])
+  sampled = generate(gptoss, PROMPTS, NEW_TOKENS, temperature=0.7, top_k=3, top_p=1e-6,
+                     stop_tokens=[])
+  assert sampled == greedy
+
+
+def test_stop_token_ends_only_its_row(gptoss):
+  free = generate(gptoss, PROMPTS, NEW_TOKENS, temperature=0, stop_tokens=[])
+  # A token that row 0 draws at some step but never before, and that row 1 never draws.
+  step = next(t for t, token in enumerate(free[0])
+              if t > 0 and token not in free[0][:t] and token not in free[1])
+  stop = free[0][step]
+  steps = []
+  stopped = generate(gptoss, PROMPTS, NEW_TOKENS, temperature=0, stop_tokens=[stop],
+                     callback=steps.append)
+  assert stopped == [free[0][:step], free[1]]  # the stop token itself is not returned
+  assert [s[0] for s in steps] == free[0][:step] + [None] * (NEW_TOKENS - step)
+  assert [s[1] for s in steps] == free[1]
+
+
+def test_loop_ends_when_every_row_stopped(gptoss):
+  free = generate(gptoss, PROMPTS[:1] * 2, NEW_TOKENS, temperature=0, stop_tokens=[])
+  steps = []
+  out = generate(gptoss, PROMPTS[:1] * 2, NEW_TOKENS, temperature=0, stop_tokens=[free[0][1]],
+                 callback=steps.append)
+  assert out == [free[0][:1]] * 2
+  assert steps == [[free[0][0]] * 2, [None, None]]
+
+
+def test_seed_decides_the_samples(gptoss):
+  # A random-init model's logits are nearly flat: two seeds agreeing on 24 draws is hopeless.
+  draw = lambda seed: generate(gptoss, PROMPTS, NEW_TOKENS, seed=seed, stop_tokens=[])
+  first = draw(0)
+  assert draw(0) == first
+  assert draw(1) != first
+
+
+def test_no_retrace_within_a_bucket(gptoss):
+  generate(gptoss, [[1, 2, 3]], NEW_TOKENS, temperature=0)
+  before = dict(sampling.TRACE_COUNTS)
+  # Other prompt lengths and sampler values in the same bucket reuse the compiled functions.
+  generate(gptoss, [[4, 5, 6, 7, 8, 9, 10]], NEW_TOKENS, temperature=0, stop_tokens=[3])
+  generate(gptoss, [list(range(1, 15))], NEW_TOKENS, temperature=0, callback=lambda _: None)
+  assert dict(sampling.TRACE_COUNTS) == before
+
+
+def test_filter_logits_top_k_keeps_exactly_the_k_largest():
+  logits = jnp.asarray([[0.1, 3.0, -1.0, 2.0, 2.5, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0, 2.0]])
+  kept = np.isfinite(np.asarray(filter_logits(logits, top_k=3)))
+  np.testing.assert_array_equal(kept[0], [False, True, False, True, True, False])
+  assert kept[1].sum() == 3 and kept[1][5]  # ties: still exactly k, the unique max included
+  out = filter_logits(logits, top_k=3)
+  np.testing.assert_array_equal(np.asarray(out)[kept], np.asarray(logits)[kept])
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.8, 2), (0.81, 3), (0.5, 1), (0.49, 1), (1.0, 4),
+                                         (0.96, 4)])
+def test_filter_logits_top_p_keeps_the_minimal_nucleus(top_p, kept):
+  probs = np.array([0.15, 0.5, 0.05, 0.3])
+  out = np.asarray(filter_logits(jnp.log(jnp.asarray([probs], jnp.float32)), top_p=top_p))[0]
+  expected = np.argsort(-probs)[:kept]
+  assert set(np.flatnonzero(np.isfinite(out))) == set(expected)
+
+
+def test_filter_logits_top_p_applies_after_top_k():
+  probs = np.array([0.4, 0.3, 0.2, 0.1])
+  # Top-2 renormalises to 4/7, 3/7: p = 0.5 needs only the first, p = 0.6 both.
+  logits = jnp.log(jnp.asarray([probs], jnp.float32))
+  assert np.isfinite(np.asarray(filter_logits(logits, top_k=2, top_p=0.5))).sum() == 1
+  assert np.isfinite(np.asarray(filter_logits(logits, top_k=2, top_p=0.6))).sum() == 2
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_sample_frequencies_match_softmax(top_k):
+  logits = jnp.asarray([0.0, 1.0, 2.0, 0.5])
+  temperature = 0.7
+  settings = sampling.SamplerSettings(greedy=False, top_k=top_k, use_top_p=False)
+  draws = sampling.sample_tokens(jnp.broadcast_to(logits, (SAMPLES, 4)), jax.random.key(3),
+                                 settings, jnp.float32(temperature), jnp.float32(1.0))
+  expected = np.asarray(jax.nn.softmax(filter_logits(logits[None] / temperature, top_k)))[0]
+  frequencies = np.bincount(np.asarray(draws), minlength=4) / SAMPLES
+  np.testing.assert_allclose(frequencies, expected, atol=0.02)
+
+
+@pytest.mark.parametrize("prompts, kwargs, match", [
+    ([], {}, "non-empty list"),
+    ([[1, 2], []], {}, "prompt 1 must be a non-empty"),
+    ([[1, VOCAB]], {}, r"outside \[0, 97\)"),
+    ([[-1, 2]], {}, r"outside \[0, 97\)"),
+    ([[1.5, 2]], {}, "integer token ids"),
+    ([[1]], {"max_new_tokens": 0}, "max_new_tokens"),
+    ([[1]], {"temperature": -0.1}, "temperature"),
+    ([[1]], {"top_k": 0}, "top_k"),
+    ([[1]], {"top_p": 0.0}, "top_p"),
+    ([[1]], {"top_p": 1.5}, "top_p"),
+    ([[1]], {"stop_tokens": [VOCAB]}, "stop_tokens"),
+])
+def test_bad_arguments_raise(gptoss, prompts, kwargs, match):
+  kwargs = {"max_new_tokens": 4, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    generate(gptoss, prompts, **kwargs)
+
+
+def test_too_long_for_the_model_raises(gpt2, gptoss):
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    generate(gpt2, [[1] * 60], 5)  # 65 > GPT-2's 64 positions
+  with pytest.raises(ValueError, match="MAX_POSITIONS"):
+    generate(gptoss, [[1]], sampling.MAX_POSITIONS)
+
+
+class ByteTokenizer:
+  """A stand-in tokenizer: id i is byte i + 32, except ids 0..2 spell the bytes of '你'."""
+
+  SPECIAL = {0: b"\xe4", 1: b"\xbd", 2: b"\xa0"}
+  stop_ids = (96,)
+
+  def encode(self, text):
+    return [byte - 32 for byte in text.encode()]
+
+  def decode(self, ids):
+    pieces = [self.SPECIAL.get(i, bytes([i + 32])) for i in ids]
+    return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+def test_text_stream_never_splits_a_character():
+  pieces = []
+  stream = sampling._TextStream(ByteTokenizer(), pieces.append)
+  for token in [65, 0, 1, 2, 66, None, 0]:
+    stream.add([token])
+  stream.finish()
+  assert pieces == ["a", "你", "b", "\ufffd"]
+
+
+def test_generate_text_streams_what_it_returns(gptoss):
+  tokenizer = ByteTokenizer()
+  prompt = "hello"
+  pieces = []
+  text = generate_text(gptoss, tokenizer, prompt, NEW_TOKENS, temperature=0, stream=pieces.append)
+  tokens = generate(gptoss, [tokenizer.encode(prompt)], NEW_TOKENS, temperature=0,
+                    stop_tokens=tokenizer.stop_ids)
+  assert text == "".join(pieces) == tokenizer.decode(tokens[0])
+  assert generate_text(gptoss, tokenizer, [prompt], NEW_TOKENS, temperature=0) == [text]

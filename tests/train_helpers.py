@@ -1,0 +1,27 @@
+"""A tiny run config on the local TinyStories sample, shared by the training tests."""
+
+import dataclasses
+from pathlib import Path
+
+from nanogptoss_jax.config import GptOssConfig
+from nanogptoss_jax.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
+
+HF_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "hf"
+TINY_VOCAB = 512
+
+
+def tiny_run(run_dir, cache_dir, **train_changes) -> RunConfig:
+  """A 2-layer GPT-OSS on the first stories of the local sample: steps take milliseconds."""
+  model = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2,
+                       vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=32, head_dim=8,
+                       num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                       rope_scaling_factor=1.0)
+  train = TrainConfig(steps=12, batch_size=8, context_len=32, log_every=1, eval_every=6,
+                      ckpt_every=4, keep_checkpoints=5, sample_tokens=8)
+  return RunConfig(
+      model=model,
+      data=DataConfig(path=str(HF_MIRROR), cache_dir=str(cache_dir), compact_vocab_size=TINY_VOCAB,
+                      max_stories=300, val_windows=16),
+      optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
+      train=dataclasses.replace(train, **train_changes),
+      run_dir=str(run_dir))
