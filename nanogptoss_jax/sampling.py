@@ -32,6 +32,7 @@ DEFAULT_STOP_TOKENS = (199999, 200002)
 PAD_TOKEN = 0  # fills the padded prompt tail and finished rows; at position -1 it is never stored
 NO_TOKEN = -1  # output-buffer entry for steps after a row stopped
 PADDING_POSITION = -1
+MIN_STOP_SLOTS = 4  # stop ids are padded to a power of two >= this, so their count rarely recompiles
 
 # How often each jitted function was traced (a test checks that a bucket is traced once).
 TRACE_COUNTS = collections.Counter()
@@ -234,7 +235,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   decode = partial(_decode_jit, graphdef, params, settings=settings)
   temperature = jnp.float32(temperature if temperature > 0 else 1.0)  # unused when greedy
   top_p = jnp.float32(1.0 if top_p is None else top_p)
-  stop_array = jnp.asarray(stop, jnp.int32)  # [number of stop ids]
+  # Padded with NO_TOKEN, which only finished rows "draw", and they are already done.
+  slots = max(MIN_STOP_SLOTS, 1 << max(len(stop) - 1, 0).bit_length())
+  stop_array = jnp.asarray(stop + (NO_TOKEN,) * (slots - len(stop)), jnp.int32)  # [slots]
   if callback is None:
     state = decode(state, max_new_tokens, temperature, top_p, stop_array)
     output = np.asarray(state.output)

@@ -43,6 +43,12 @@ def model(request):
   return request.getfixturevalue(request.param)
 
 
+@nnx.jit
+def forward(model, tokens, positions=None, cache=None):
+  """model.forward compiled once per shape (eager mode would compile every op per shape)."""
+  return model.forward(tokens, positions, cache)
+
+
 def assert_close(actual, expected, what):
   error = float(jnp.max(jnp.abs(actual - expected)) / jnp.max(jnp.abs(expected)))
   assert error <= REL_TOL, f"{what}: relative error {error:.2e}"
@@ -50,36 +56,45 @@ def assert_close(actual, expected, what):
 
 def test_cached_forward_matches_full_forward(model):
   """Chunks longer than the window, then single tokens, over a right-padded batch of 40 and 27."""
-  lengths = [40, 27]
+  lengths = np.array([40, 27])
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, VOCAB, (2, max(lengths)))
-  positions = np.where(np.arange(max(lengths)) < np.array(lengths)[:, None],
-                       np.arange(max(lengths)), -1)  # [B, T]; -1 pads the short row
-  full = [model(jnp.asarray(tokens[row:row + 1, :n]))[0] for row, n in enumerate(lengths)]
+  tokens = rng.integers(0, VOCAB, (2, lengths.max())).astype(np.int32)
+  positions = np.where(np.arange(lengths.max()) < lengths[:, None], np.arange(lengths.max()),
+                       -1).astype(np.int32)  # [B, T]; -1 pads the short row
+  # The model is causal, so row 1's tail past 27 cannot change its first 27 logits.
+  full = forward(model, jnp.asarray(tokens)).logits  # [B, T, V]
   cache = model.init_cache(2, 64)
-  # 12 and 10 tokens: each chunk evicts ring entries that its own first queries still need.
-  bounds = [0, 12, 22] + list(range(23, max(lengths) + 1))
+  # Two 12-token chunks (longer than the window: each write evicts ring entries that the
+  # chunk's own first queries still need), then one token at a time.
+  bounds = [0, 12, 24] + list(range(25, lengths.max() + 1))
   for start, end in zip(bounds[:-1], bounds[1:]):
-    out = model.forward(jnp.asarray(tokens[:, start:end]), jnp.asarray(positions[:, start:end]),
-                        cache)
+    out = forward(model, jnp.asarray(tokens[:, start:end]), jnp.asarray(positions[:, start:end]),
+                  cache)
     cache = out.cache
-    for row, n in enumerate(lengths):
-      if start < n:
-        stop = min(end, n)
-        assert_close(out.logits[row, :stop - start], full[row][start:stop],
+    for row, length in enumerate(lengths):
+      stop = min(end, length)
+      if start < stop:
+        assert_close(out.logits[row, :stop - start], full[row, start:stop],
                      f"row {row}, positions {start}..{stop - 1}")
 
 
-def argmax_recompute(model, prompt, steps):
-  """The reference sampler: full forward over the whole sequence for every new token."""
-  sequence = list(prompt)
+def argmax_recompute(model, prompts, steps):
+  """The reference sampler: a full forward over every whole sequence for each new token."""
+  sequences = [list(prompt) for prompt in prompts]
+  length = max(map(len, prompts)) + steps
   for _ in range(steps):
-    sequence.append(int(jnp.argmax(model(jnp.asarray([sequence]))[0, -1])))
-  return sequence[len(prompt):]
+    # One fixed shape for every step; causality keeps the zero tail out of earlier logits.
+    tokens = np.zeros((len(prompts), length), np.int32)  # [B, T]
+    for row, sequence in enumerate(sequences):
+      tokens[row, :len(sequence)] = sequence
+    logits = forward(model, jnp.asarray(tokens)).logits
+    for row, sequence in enumerate(sequences):
+      sequence.append(int(jnp.argmax(logits[row, len(sequence) - 1])))
+  return [sequence[len(prompt):] for sequence, prompt in zip(sequences, prompts)]
 
 
 def test_greedy_generate_equals_argmax_recompute(model):
-  expected = [argmax_recompute(model, prompt, NEW_TOKENS) for prompt in PROMPTS]
+  expected = argmax_recompute(model, PROMPTS, NEW_TOKENS)
   assert generate(model, PROMPTS, NEW_TOKENS, temperature=0, stop_tokens=[]) == expected
 
 
