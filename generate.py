@@ -4,6 +4,10 @@
         --max-new-tokens 200 --temperature 0.8 --top-k 50
 """
 
+if __name__ == "__main__":  # first, before the heavy imports: it may restart the process
+  from nanogptoss_jax.cpu_malloc import reexec_with_malloc_tunables
+  reexec_with_malloc_tunables()
+
 import argparse
 import logging
 

@@ -1,5 +1,9 @@
 """Train a model: `python train.py --config configs/nano.py [--config.KEY=VALUE ...]`."""
 
+if __name__ == "__main__":  # first, before the heavy imports: it may restart the process
+  from nanogptoss_jax.cpu_malloc import reexec_with_malloc_tunables
+  reexec_with_malloc_tunables()
+
 import logging
 import sys
 

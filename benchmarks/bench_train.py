@@ -7,6 +7,10 @@ this machine's float32 matmul peak, measured in the same run. Random tokens: spe
 depend on the data.
 """
 
+if __name__ == "__main__":  # first, before the heavy imports: it may restart the process
+  from nanogptoss_jax.cpu_malloc import reexec_with_malloc_tunables
+  reexec_with_malloc_tunables()
+
 import argparse
 import dataclasses
 import pathlib

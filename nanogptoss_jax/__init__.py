@@ -1,11 +1,24 @@
 """nanogptoss-jax: GPT-OSS (and a GPT-2 baseline) in JAX + Flax NNX."""
 
-from nanogptoss_jax.checkpoint import load_checkpoint
-from nanogptoss_jax.config import ConfigError, Gpt2Config, GptOssConfig
-from nanogptoss_jax.gpt2 import Gpt2
-from nanogptoss_jax.gptoss import GptOss
-from nanogptoss_jax.interop import from_torch_state_dict, to_torch_state_dict
-from nanogptoss_jax.sampling import generate, generate_text
+import importlib
 
-__all__ = ["ConfigError", "Gpt2", "Gpt2Config", "GptOss", "GptOssConfig", "from_torch_state_dict",
-           "generate", "generate_text", "load_checkpoint", "to_torch_state_dict"]
+# Public names and the module each lives in. Loaded on first use (PEP 562), so that light
+# modules (e.g. cpu_malloc, used before a script's heavy imports) don't pull in JAX.
+_EXPORTS = {
+    "ConfigError": "config", "GptOssConfig": "config", "Gpt2Config": "config",
+    "GptOss": "gptoss", "Gpt2": "gpt2",
+    "from_torch_state_dict": "interop", "to_torch_state_dict": "interop",
+    "generate": "sampling", "generate_text": "sampling",
+    "load_checkpoint": "checkpoint",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'nanogptoss_jax' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"nanogptoss_jax.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+  return __all__

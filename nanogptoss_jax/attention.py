@@ -25,19 +25,19 @@ EMPTY_SLOT = -1  # cache position of a slot that holds no key yet
 class LayerCache:
   """Keys/values of one layer. Full layers hold every position; sliding layers a ring."""
 
-  k: jax.Array  # [B, S, K, H]
-  v: jax.Array  # [B, S, K, H]
+  k: jax.Array  # [B, K, S, H]: heads before slots, so attention reads it without a transpose
+  v: jax.Array  # [B, K, S, H]
   pos: jax.Array  # [B, S] position stored in each slot, EMPTY_SLOT if none
 
 
 def empty_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> LayerCache:
-  shape = (batch, slots, kv_heads, head_dim)
+  shape = (batch, kv_heads, slots, head_dim)
   return LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     pos=jnp.full((batch, slots), EMPTY_SLOT, jnp.int32))
 
 
 def cache_write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
-  """Stores k, v [B, T, K, H] at slot `position % S` (a ring when S < max length).
+  """Stores k, v [B, K, T, H] at slot `position % S` (a ring when S < max length).
 
   Tokens with negative positions (padding) are not stored, nor are tokens that a later token of
   the same write would overwrite (a prefill longer than a sliding ring): scatter order among
@@ -48,9 +48,11 @@ def cache_write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Ar
   keep = (positions >= 0) & (positions > newest - slots)
   slot = jnp.where(keep, positions % slots, slots)  # [B, T]; `slots` is out of bounds
   rows = jnp.arange(positions.shape[0])[:, None]
+  heads = jnp.arange(k.shape[1])[None, :, None]
+  kv_slot = (rows[:, None], heads, slot[:, None, :])  # broadcasts to [B, K, T]
   return LayerCache(
-      k=cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop"),
-      v=cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop"),
+      k=cache.k.at[kv_slot].set(k.astype(cache.k.dtype), mode="drop"),
+      v=cache.v.at[kv_slot].set(v.astype(cache.v.dtype), mode="drop"),
       pos=cache.pos.at[rows, slot].set(positions.astype(jnp.int32), mode="drop"))
 
 
@@ -66,13 +68,17 @@ def visible(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
            window: int | None, sinks: jax.Array | None) -> jax.Array:
-  """Grouped-query attention: q [B, T, K, G, H], k/v [B, S, K, H] -> [B, T, K, G, H].
+  """Grouped-query attention: q [B, T, K, G, H], k/v [B, K, S, H] -> [B, T, K, G, H].
 
   `sinks` [K, G] is one learned logit per query head that joins the softmax as an extra column
   with no value: it soaks up probability mass (so a head may attend to nothing) and is dropped.
   """
-  scale = q.shape[-1] ** -0.5
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  batch, length, kv_heads, groups, head_dim = q.shape
+  # The G queries sharing a kv head become one [G * T] axis: both products are then plain
+  # batched matmuls over (B, K), which XLA runs far faster than a 5-d einsum.
+  q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim)  # [B, K, G*T, H]
+  scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
+  scores = scores.reshape(batch, kv_heads, groups, length, -1) * head_dim ** -0.5  # [B, K, G, T, S]
   mask = visible(q_pos, k_pos, window)[:, None, None]  # [B, 1, 1, T, S]
   scores = jnp.where(mask, scores, MASKED)
   peak = scores.max(axis=-1)  # [B, K, G, T]
@@ -84,13 +90,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
   total = weights.sum(axis=-1)
   if sinks is not None:
     total = total + jnp.exp(sink - peak)
-  weights = weights / total[..., None]
-  return jnp.einsum("bkgts,bskh->btkgh", weights.astype(v.dtype), v)
+  weights = (weights / total[..., None]).astype(v.dtype)
+  weights = weights.reshape(batch, kv_heads, groups * length, -1)  # [B, K, G*T, S]
+  out = jnp.einsum("bkqs,bksh->bkqh", weights, v)  # [B, K, G*T, H]
+  return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
 
 
 def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: int | None,
                       sinks: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
-  """Attention of new tokens over themselves (no cache) or over cache + themselves."""
+  """Attention of new tokens over themselves (no cache) or over cache + themselves.
+
+  q [B, T, K, G, H]; k, v [B, T, K, H] for the new tokens.
+  """
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   if cache is None:
     return attend(q, k, v, positions, positions, window=window, sinks=sinks), None
   if window is None:
@@ -100,8 +112,8 @@ def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: i
     return out, cache
   # Sliding layer: the ring holds only the last `window` positions, and a multi-token write
   # would evict keys that this chunk's earlier queries still need; read ring + chunk, then write.
-  keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)  # [B, S + T, K, H]
-  values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+  keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=2)  # [B, K, S + T, H]
+  values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=2)
   key_pos = jnp.concatenate([cache.pos, positions.astype(jnp.int32)], axis=1)
   out = attend(q, keys, values, positions, key_pos, window=window, sinks=sinks)
   return out, cache_write(cache, k, v, positions)

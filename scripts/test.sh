@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 . .venv/bin/activate
-# Offline machines: tiktoken's BPE file from ../shared/tiktoken (tests copy it to a temp dir).
+# Faster XLA on CPU (see nanogptoss_jax/cpu_malloc.py).
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184}
 python -m pytest "$@"

@@ -166,21 +166,22 @@ _attend = jax.jit(attend, static_argnames="window")
 
 @functools.partial(jax.jit, static_argnames="window")
 def _softmax_attention(q, k, v, window, sinks=None):
-  """Textbook masked attention with jax.nn.softmax; a sink is one more score column, dropped."""
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k) / math.sqrt(q.shape[-1])
+  """Textbook masked attention with jax.nn.softmax (q [B, T, K, G, H], k/v [B, K, S, H]); a
+  sink is one more score column, dropped after the softmax."""
+  scores = jnp.einsum("btkgh,bksh->bkgts", q, k) / math.sqrt(q.shape[-1])
   scores = jnp.where(_visibility(q.shape[1], window), scores, -jnp.inf)
   if sinks is None:
     weights = jax.nn.softmax(scores, axis=-1)
   else:
     column = jnp.broadcast_to(sinks[None, :, :, None, None], scores.shape[:-1] + (1,))
     weights = jax.nn.softmax(jnp.concatenate([scores, column], axis=-1), axis=-1)[..., :-1]
-  return jnp.einsum("bkgts,bskh->btkgh", weights, v)
+  return jnp.einsum("bkgts,bksh->btkgh", weights, v)
 
 
 def _random_qkv(batch=2, length=7, kv_heads=2, groups=3, head_dim=8):
-  """q [B, T, K, G, H]; k and v [B, S, K, H] with S = T."""
+  """q [B, T, K, G, H]; k and v [B, K, S, H] with S = T (attend's layouts)."""
   q = _normal((batch, length, kv_heads, groups, head_dim), seed=0)
-  k, v = _normal((2, batch, length, kv_heads, head_dim), seed=1)
+  k, v = _normal((2, batch, kv_heads, length, head_dim), seed=1)
   return q, k, v
 
 

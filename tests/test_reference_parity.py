@@ -1,6 +1,8 @@
 """Our GPT-OSS against OpenAI's torch reference on shared random weights: logits, every block's
 hidden state, gradients, and the state-dict conversion both ways."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,14 +42,16 @@ CONFIGS = {
 }
 
 
-@nnx.jit
-def _logits(model, tokens):
-  return model(tokens)
+def _parity_case(cfg: GptOssConfig, length: int, seed: int = 0):
+  """(our model, reference model, tokens [B, T]) sharing seeded random weights."""
+  reference = build_reference(cfg, seed)
+  model = from_torch_state_dict(cfg, reference_state_dict(reference))
+  return model, reference, random_tokens(cfg, BATCH, length, seed)
 
 
 @nnx.jit
-def _hidden_states(model, tokens):
-  """The residual stream after each block, [L, B, T, D]."""
+def _forward(model, tokens):
+  """(logits [B, T, V] from model(tokens), the residual stream after each block [L, B, T, D])."""
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   rope = rope_tables(model.cfg, positions)
   x = model.embedding(tokens)
@@ -55,12 +59,12 @@ def _hidden_states(model, tokens):
   for block in model.blocks:
     x, _, _ = block(x, positions, rope)
     states.append(x)
-  return jnp.stack(states)
+  return model(tokens), jnp.stack(states)
 
 
-def _reference_hidden_states(reference, tokens: np.ndarray) -> np.ndarray:
-  """The reference's residual stream after each block, [L, B, T, D], one row at a time."""
-  rows = []
+def _reference_forward(reference, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(logits [B, T, V], the residual stream after each block [L, B, T, D]), row by row."""
+  hidden = []
   with torch.no_grad():
     for row in tokens:
       x = reference.embedding(torch.as_tensor(row, dtype=torch.long))
@@ -68,8 +72,17 @@ def _reference_hidden_states(reference, tokens: np.ndarray) -> np.ndarray:
       for block in reference.block:
         x = block(x)
         states.append(x.numpy())
-      rows.append(np.stack(states))
-  return np.stack(rows, axis=1)
+      hidden.append(np.stack(states))
+  return run_reference(reference, tokens), np.stack(hidden, axis=1)
+
+
+@functools.cache
+def _both_forwards(cfg: GptOssConfig, length: int):
+  """((our logits, hidden), (reference logits, hidden)) on shared weights, once per case: the
+  logits and per-block tests share one compile."""
+  model, reference, tokens = _parity_case(cfg, length)
+  ours = jax.tree.map(np.asarray, _forward(model, jnp.asarray(tokens)))
+  return ours, _reference_forward(reference, tokens)
 
 
 def _next_token_loss(logits, tokens):
@@ -101,36 +114,29 @@ def _grads_as_state_dict(model, grads) -> dict[str, np.ndarray]:
   return to_torch_state_dict(nnx.merge(graphdef, grads))
 
 
-def _parity_case(cfg: GptOssConfig, length: int, seed: int = 0):
-  """(our model, reference model, tokens [B, T]) sharing seeded random weights."""
-  reference = build_reference(cfg, seed)
-  model = from_torch_state_dict(cfg, reference_state_dict(reference))
-  return model, reference, random_tokens(cfg, BATCH, length, seed)
+def _check_logits(cfg: GptOssConfig, length: int, label: str) -> None:
+  """Asserts (and prints) our logits against the reference's for one case."""
+  (ours, _), (theirs, _) = _both_forwards(cfg, length)
+  err = relative_error(ours, theirs)
+  print(f"\n[logits] {label}: rel err {err:.2e}")
+  assert err <= LOGITS_TOLERANCE, f"{label}: logits rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_reference(name, length):
-  model, reference, tokens = _parity_case(CONFIGS[name], length)
-  err = relative_error(_logits(model, jnp.asarray(tokens)), run_reference(reference, tokens))
-  print(f"\n[logits] {name} T={length}: rel err {err:.2e}")
-  assert err <= LOGITS_TOLERANCE, f"{name} T={length}: logits rel err {err:.2e}"
+  _check_logits(CONFIGS[name], length, f"{name} T={length}")
 
 
 @pytest.mark.parametrize("moe_impl", ["sorted", "ragged", "dense"])
 def test_logits_match_reference_for_each_moe_impl(moe_impl):
   cfg = CONFIGS["gqa2-top2-yarn"].replace(moe_impl=moe_impl)
-  model, reference, tokens = _parity_case(cfg, max(LENGTHS))
-  err = relative_error(_logits(model, jnp.asarray(tokens)), run_reference(reference, tokens))
-  print(f"\n[logits] gqa2-top2-yarn moe_impl={moe_impl}: rel err {err:.2e}")
-  assert err <= LOGITS_TOLERANCE, f"moe_impl={moe_impl}: logits rel err {err:.2e}"
+  _check_logits(cfg, max(LENGTHS), f"gqa2-top2-yarn T={max(LENGTHS)} moe_impl={moe_impl}")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_each_block_matches_reference(name):
-  model, reference, tokens = _parity_case(CONFIGS[name], max(LENGTHS))
-  ours = np.asarray(_hidden_states(model, jnp.asarray(tokens)))
-  theirs = _reference_hidden_states(reference, tokens)
+  (_, ours), (_, theirs) = _both_forwards(CONFIGS[name], max(LENGTHS))
   for i, (h_ours, h_ref) in enumerate(zip(ours, theirs)):
     err = relative_error(h_ours, h_ref)
     print(f"\n[hidden] {name} block {i}: rel err {err:.2e}")

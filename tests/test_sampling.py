@@ -21,6 +21,7 @@ NEW_TOKENS = 12
 # Different lengths in one batch (right padding); the second passes the sliding window.
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 60, 7, 31, 8, 12, 70, 4]]
 SAMPLES = 20000  # draws for the frequency checks: ~0.004 standard error on a probability
+FULL_LENGTH = 40  # every full (uncached) forward runs at this length: one compile per model
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,9 @@ def assert_close(actual, expected, what):
 
 def test_cached_forward_matches_full_forward(model):
   """Chunks longer than the window, then single tokens, over a right-padded batch of 40 and 27."""
-  lengths = np.array([40, 27])
+  lengths = np.array([FULL_LENGTH, 27])
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, VOCAB, (2, lengths.max())).astype(np.int32)
+  tokens = rng.integers(0, VOCAB, (2, FULL_LENGTH)).astype(np.int32)
   positions = np.where(np.arange(lengths.max()) < lengths[:, None], np.arange(lengths.max()),
                        -1).astype(np.int32)  # [B, T]; -1 pads the short row
   # The model is causal, so row 1's tail past 27 cannot change its first 27 logits.
@@ -81,10 +82,10 @@ def test_cached_forward_matches_full_forward(model):
 def argmax_recompute(model, prompts, steps):
   """The reference sampler: a full forward over every whole sequence for each new token."""
   sequences = [list(prompt) for prompt in prompts]
-  length = max(map(len, prompts)) + steps
+  assert max(map(len, prompts)) + steps <= FULL_LENGTH
   for _ in range(steps):
     # One fixed shape for every step; causality keeps the zero tail out of earlier logits.
-    tokens = np.zeros((len(prompts), length), np.int32)  # [B, T]
+    tokens = np.zeros((len(prompts), FULL_LENGTH), np.int32)  # [B, T]
     for row, sequence in enumerate(sequences):
       tokens[row, :len(sequence)] = sequence
     logits = forward(model, jnp.asarray(tokens)).logits
@@ -129,19 +130,21 @@ def test_loop_ends_when_every_row_stopped(gptoss):
 
 
 def test_seed_decides_the_samples(gptoss):
-  # A random-init model's logits are nearly flat: two seeds agreeing on 24 draws is hopeless.
-  draw = lambda seed: generate(gptoss, PROMPTS, NEW_TOKENS, seed=seed, stop_tokens=[])
+  # A random-init model's logits are nearly flat: two seeds agreeing on 24 draws from 3 is
+  # hopeless. (top_p=1 keeps the compiled sampler of the test above: top_p's value is traced.)
+  draw = lambda seed: generate(gptoss, PROMPTS, NEW_TOKENS, temperature=0.7, top_k=3, top_p=1.0,
+                               seed=seed, stop_tokens=[])
   first = draw(0)
   assert draw(0) == first
   assert draw(1) != first
 
 
 def test_no_retrace_within_a_bucket(gptoss):
-  generate(gptoss, [[1, 2, 3]], NEW_TOKENS, temperature=0)
+  generate(gptoss, PROMPTS, NEW_TOKENS, temperature=0)
   before = dict(sampling.TRACE_COUNTS)
-  # Other prompt lengths and sampler values in the same bucket reuse the compiled functions.
-  generate(gptoss, [[4, 5, 6, 7, 8, 9, 10]], NEW_TOKENS, temperature=0, stop_tokens=[3])
-  generate(gptoss, [list(range(1, 15))], NEW_TOKENS, temperature=0, callback=lambda _: None)
+  # Other prompt lengths (same bucket), stop ids and streaming reuse the compiled functions.
+  generate(gptoss, [[4, 5], list(range(1, 17))], NEW_TOKENS, temperature=0, stop_tokens=[3])
+  generate(gptoss, [[7] * 9, [1]], NEW_TOKENS, temperature=0, callback=lambda _: None)
   assert dict(sampling.TRACE_COUNTS) == before
 
 
