@@ -47,18 +47,27 @@ def _data_to_keys(tree, like):
                       if _is_key(ref) else x, tree, like)
 
 
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class RunCheckpoints:
   """Periodic and best-validation checkpoint managers for one run directory."""
 
   def __init__(self, run_dir: str | pathlib.Path, keep: int = 3):
     root = pathlib.Path(run_dir).absolute()
     options = dict(create=True, enable_async_checkpointing=True)
+    # Orbax names its cross-process barriers after the step, so with several processes the two
+    # managers saving the same step would join each other's barriers ("already ongoing") and
+    # hang until timeout; a distinct prefix per manager keeps them apart.
     self.periodic = ocp.CheckpointManager(
         root / PERIODIC_DIR, item_names=ITEMS,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options,
+                                             multiprocessing_options=_barrier_prefix(PERIODIC_DIR)))
     self.best = ocp.CheckpointManager(
         root / BEST_DIR, item_names=ITEMS,
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options,
+                                             multiprocessing_options=_barrier_prefix(BEST_DIR)))
 
   def save(self, step: int, state, data_state: dict, meta: dict, *, best: bool = False) -> None:
     managers = [self.periodic] + ([self.best] if best else [])
@@ -81,6 +90,10 @@ class RunCheckpoints:
     return self.periodic.latest_step()
 
 
+def _first_local_device() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool = False):
   """(step, state, data_state, meta) from the newest readable step; older steps are fallbacks.
 
@@ -93,8 +106,12 @@ def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool =
       if meta_only:
         items = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return step, None, None, items["meta"]
+      # A leaf without a target sharding gets the saved one, which names the devices of the
+      # run that wrote it (another mesh, other processes) and cannot be rebuilt on a different
+      # topology; such leaves land on this process's first device instead.
       items = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state)),
+          state=ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state),
+                                         fallback_sharding=_first_local_device()),
           data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
       state = _data_to_keys(items["state"], abstract_state)
       return step, state, items["data"], items["meta"]

@@ -68,9 +68,9 @@ class MoE(nnx.Module):
     batch, length, hidden = x.shape
     if batch % groups:
       raise ValueError(f"MoE groups={groups} must divide the batch size {batch}")
-    t = self.norm(x).reshape(groups, batch * length // groups, hidden)  # [G', N, D]
-    logits = self.gate(t.astype(jnp.float32))  # [G', N, E]
-    top_logits, top_experts = jax.lax.top_k(logits, self.cfg.experts_per_token)  # [G', N, C]
+    t = self.norm(x).reshape(groups, batch * length // groups, hidden)  # [groups, N / groups, D]
+    logits = self.gate(t.astype(jnp.float32))  # [groups, N / groups, E]
+    top_logits, top_experts = jax.lax.top_k(logits, self.cfg.experts_per_token)  # [groups, N / groups, C]
     top_weights = jax.nn.softmax(top_logits, axis=-1)  # softmax over the chosen experts only
     impl = resolve_moe_impl(impl or self.cfg.moe_impl)
     expert_fn = {"dense": self._dense, "sorted": self._sorted, "ragged": self._ragged}[impl]
@@ -82,8 +82,9 @@ class MoE(nnx.Module):
       weights = tuple(jnp.broadcast_to(w, (groups, *w.shape)) for w in weights)
       weight_axis = 0
     out = jax.vmap(expert_fn, in_axes=(0, 0, 0, weight_axis))(
-        t.astype(self.dtype), top_experts, top_weights, weights)  # [G', N, D]
-    stats = router_stats(logits.reshape(-1, logits.shape[-1]), top_experts.reshape(-1, top_experts.shape[-1]))
+        t.astype(self.dtype), top_experts, top_weights, weights)  # [groups, N / groups, D]
+    num_experts, per_token = logits.shape[-1], top_experts.shape[-1]
+    stats = router_stats(logits.reshape(-1, num_experts), top_experts.reshape(-1, per_token))
     return out.reshape(batch, length, hidden).astype(x.dtype), stats
 
   def _dense(self, t, top_experts, top_weights, weights):

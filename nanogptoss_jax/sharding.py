@@ -13,9 +13,16 @@ CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"
 
 
 def maybe_initialize_distributed() -> None:
-  """Joins the multi-host runtime when the environment describes a cluster; no-op otherwise."""
-  if any(name in os.environ for name in CLUSTER_ENV) and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  """Joins the multi-host runtime when the environment describes a cluster; no-op otherwise.
+
+  On SLURM, Open MPI and TPU pods JAX finds everything itself. Elsewhere set
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  if not any(name in os.environ for name in CLUSTER_ENV) or jax.distributed.is_initialized():
+    return
+  count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+  jax.distributed.initialize(num_processes=int(count) if count else None,
+                             process_id=int(index) if index else None)
 
 
 def make_mesh(fsdp: int) -> Mesh:

@@ -287,11 +287,12 @@ class Trainer:
       self._recent_losses.clear()
     best = result["val_loss"] < self.best_val
     self.best_val = min(self.best_val, result["val_loss"])
-    result["sample"] = self.sample()
+    if self.cfg.train.sample_tokens > 0:  # 0 turns the eval-time sample off
+      result["sample"] = self.sample()
     self.log.write({"step": step, "tokens": step * self.tokens_per_step} | result)
     if self.is_main:
       tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, "
-                 f"val bpb {result['val_bpb']:.4f}\n  sample: {result['sample']!r}")
+                 f"val bpb {result['val_bpb']:.4f}\n  sample: {result.get('sample', '')!r}")
     self._save(result, best=best)
     return result
 

@@ -120,13 +120,20 @@ def test_stop_token_ends_only_its_row(gptoss):
   assert [s[1] for s in steps] == free[1]
 
 
+def first_new_token_step(tokens):
+  """The first step > 0 whose token was not drawn before (a stop there ends the row there)."""
+  return next(t for t, token in enumerate(tokens) if t > 0 and token not in tokens[:t])
+
+
 def test_loop_ends_when_every_row_stopped(gptoss):
   free = generate(gptoss, PROMPTS[:1] * 2, NEW_TOKENS, temperature=0, stop_tokens=[])
+  step = first_new_token_step(free[0])
   steps = []
-  out = generate(gptoss, PROMPTS[:1] * 2, NEW_TOKENS, temperature=0, stop_tokens=[free[0][1]],
-                 callback=steps.append)
-  assert out == [free[0][:1]] * 2
-  assert steps == [[free[0][0]] * 2, [None, None]]
+  out = generate(gptoss, PROMPTS[:1] * 2, NEW_TOKENS, temperature=0,
+                 stop_tokens=[free[0][step]], callback=steps.append)
+  assert out == [free[0][:step]] * 2
+  # The callback saw the stop step (as None) and nothing after: the loop ended there.
+  assert steps == [[token] * 2 for token in free[0][:step]] + [[None, None]]
 
 
 def test_seed_decides_the_samples(gptoss):
@@ -184,6 +191,44 @@ def test_sample_frequencies_match_softmax(top_k):
   expected = np.asarray(jax.nn.softmax(filter_logits(logits[None] / temperature, top_k)))[0]
   frequencies = np.bincount(np.asarray(draws), minlength=4) / SAMPLES
   np.testing.assert_allclose(frequencies, expected, atol=0.02)
+
+
+def sorted_nucleus(logits, top_p):
+  """The textbook nucleus in float64 numpy: sort, cumulate, keep while the mass before < p."""
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  order = np.argsort(-logits, axis=-1)
+  sorted_probs = np.take_along_axis(probs, order, -1)
+  kept_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
+  kept = np.zeros_like(kept_sorted)
+  np.put_along_axis(kept, order, kept_sorted, -1)
+  return kept
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.1])  # peaked: nucleus in the top 256; flat: not
+def test_nucleus_without_top_k_is_the_sorted_nucleus(scale):
+  logits = jax.random.normal(jax.random.key(0), (4, 3000)) * scale
+  jitted = jax.jit(filter_logits)  # top_p traced: one compile
+  for top_p in (0.1, 0.5, 0.9, 0.999):
+    kept = np.isfinite(np.asarray(jitted(logits, top_p=top_p)))
+    np.testing.assert_array_equal(kept, sorted_nucleus(logits, top_p), err_msg=f"top_p={top_p}")
+    if scale < 1 and top_p >= 0.5:  # flat: the nucleus goes past the candidates
+      assert kept.sum(axis=-1).min() > sampling.NUCLEUS_CANDIDATES
+
+
+def test_draw_over_many_blocks_matches_softmax():
+  """The two-level draw across padded blocks: right frequencies, never a -inf logit."""
+  size = 3 * sampling.DRAW_BLOCK + 37  # the last block is mostly padding
+  logits = jax.random.normal(jax.random.key(1), (size,)) * 2
+  logits = logits.at[::3].set(-jnp.inf)  # filtered tokens, scattered through every block
+  draws = np.asarray(sampling.draw(jax.random.key(2), jnp.broadcast_to(logits, (SAMPLES, size))))
+  assert np.all(np.isfinite(np.asarray(logits)[draws]))
+  # Frequencies per group of 100 tokens (each group holds a fair share of the mass).
+  groups = np.arange(size) // 100
+  expected = np.bincount(groups, weights=np.asarray(jax.nn.softmax(logits)))
+  np.testing.assert_allclose(np.bincount(groups[draws], minlength=groups.max() + 1) / SAMPLES,
+                             expected, atol=0.02)
 
 
 @pytest.mark.parametrize("prompts, kwargs, match", [

@@ -1,0 +1,18 @@
+"""Nano GPT-OSS vs its GPT-2 twin, 3 seeds each: about 30 minutes on a 2-core CPU.
+
+    python compare.py --config configs/compare_nano.py --run.data.path=/path/to/tinystories/hf
+"""
+
+from pathlib import Path
+
+from nanogptoss_jax.compare import CompareConfig
+
+# Six runs share the half hour: 250 steps of 16 x 256 tokens (about 1M tokens) each, at roughly
+# a second per step for either model on 2 idle cores, plus ~30 s per run of startup and evals.
+NANO_OVERRIDES = ("train.steps=250", "train.eval_every=50", "optim.warmup_steps=25")
+
+
+def get_config() -> CompareConfig:
+  """The nano comparison; its runs land in runs/compare_nano/<model>_seed<seed>."""
+  return CompareConfig(base=str(Path(__file__).with_name("nano.py")), seeds=(0, 1, 2),
+                       out_dir="runs/compare_nano", overrides=NANO_OVERRIDES, sample_tokens=128)
