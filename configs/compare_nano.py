@@ -7,9 +7,9 @@ from pathlib import Path
 
 from nanogptoss_jax.compare import CompareConfig
 
-# Six runs share the half hour: 250 steps of 16 x 256 tokens (about 1M tokens) each, at roughly
+# Six runs share the half hour: 150 steps of 16 x 256 tokens (about 0.6M tokens) each, at roughly
 # a second per step for either model on 2 idle cores, plus ~30 s per run of startup and evals.
-NANO_OVERRIDES = ("train.steps=250", "train.eval_every=50", "optim.warmup_steps=25")
+NANO_OVERRIDES = ("train.steps=150", "train.eval_every=30", "optim.warmup_steps=15")
 
 
 def get_config() -> CompareConfig:

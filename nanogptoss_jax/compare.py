@@ -267,14 +267,15 @@ def train_and_measure(cfg: RunConfig, sample_tokens: int, *, progress: bool = Tr
   run_dir = Path(cfg.run_dir)
   # Through JSON, so a saved request (lists, not tuples) compares equal to a fresh one.
   request = json.loads(json.dumps({"config": config_to_dict(cfg), "sample_tokens": sample_tokens}))
-  result_path = run_dir / RUN_RESULT_FILE
+  request_path, result_path = run_dir / RUN_REQUEST_FILE, run_dir / RUN_RESULT_FILE
+  # Resuming a run under other settings (steps, schedule, ...) would measure a hybrid of two.
+  if request_path.exists() and json.loads(request_path.read_text()) != request:
+    raise ConfigError(f"{run_dir} holds a run with other settings (see {request_path}); use "
+                      "another --config.out_dir, or move that folder away")
   if result_path.exists():
-    saved = json.loads(result_path.read_text())
-    if saved["request"] == request:
-      logging.info("%s: already trained and measured; skipping", run_dir)
-      return saved["measured"]
+    logging.info("%s: already trained and measured; skipping", run_dir)
+    return json.loads(result_path.read_text())["measured"]
   run_dir.mkdir(parents=True, exist_ok=True)
-  request_path = run_dir / RUN_REQUEST_FILE
   _write_json(request_path, request)
   start = time.perf_counter()
   child = subprocess.Popen([sys.executable, "-c", WORKER_CODE, str(request_path),
@@ -328,9 +329,14 @@ METRICS = [
 ]
 
 
+def _is_number(value) -> bool:
+  """A finite number; None (not measured, e.g. device memory on a CPU) and NaN are not."""
+  return value is not None and math.isfinite(value)
+
+
 def mean_std(values: list[float]) -> dict:
   """{"mean", "std" (sample std, ddof 1; NaN for one value), "n"} of the finite values."""
-  values = [float(v) for v in values if v is not None and math.isfinite(v)]
+  values = [float(v) for v in values if _is_number(v)]
   n = len(values)
   return {"mean": float(np.mean(values)) if n else math.nan,
           "std": float(np.std(values, ddof=1)) if n > 1 else math.nan, "n": n}
@@ -351,7 +357,7 @@ def summarize(runs: list[dict]) -> dict:
   for key, _, _ in METRICS:
     pairs = [(oss[s].get(key), gpt2[s].get(key)) for s in sorted(set(oss) & set(gpt2))]
     relative[key] = mean_std([100.0 * (a / b - 1.0) for a, b in pairs
-                              if a is not None and b is not None and b != 0])
+                              if _is_number(a) and _is_number(b) and b != 0])
   return {"models": summary, "relative_percent": relative}
 
 
@@ -466,7 +472,7 @@ def per_run_table(runs: list[dict]) -> str:
   lines = ["| run | " + " | ".join(header for _, header, _ in RUN_COLUMNS) + " |",
            "|---|" + "---:|" * len(RUN_COLUMNS)]
   for run in runs:
-    cells = ["n/a" if run.get(key) is None else fmt.format(run[key])
+    cells = [fmt.format(run[key]) if _is_number(run.get(key)) else "n/a"
              for key, _, fmt in RUN_COLUMNS]
     lines.append(f"| {MODELS[run['model']]} seed {run['seed']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The GPT-OSS vs GPT-2 comparison: arguments, and a tiny end-to-end run with its report."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -127,3 +128,6 @@ def test_comparison_end_to_end(tmp_path, monkeypatch):
   compare(cmp, progress=False)
   assert [(Path(run["run_dir"]) / RUN_RESULT_FILE).read_text() for run in runs] == saved
   assert json.loads((out / RESULTS_FILE).read_text())["runs"] == runs
+  # Other settings in the same folder are refused, not resumed into a hybrid of two runs.
+  with pytest.raises(ConfigError, match="other settings"):
+    compare(dataclasses.replace(cmp, sample_tokens=4), progress=False)
