@@ -42,8 +42,13 @@ def _abstract_keys_to_data(tree):
       lambda x: jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x, tree)
 
 
+def _key_impl(ref):
+  # An abstract key (ShapeDtypeStruct) carries its PRNG implementation only in its dtype.
+  return ref.dtype._impl if isinstance(ref, jax.ShapeDtypeStruct) else jax.random.key_impl(ref)
+
+
 def _data_to_keys(tree, like):
-  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref))
                       if _is_key(ref) else x, tree, like)
 
 

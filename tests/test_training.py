@@ -17,6 +17,7 @@ import pytest
 from nanogptoss_jax import checkpoint as ckpt
 from nanogptoss_jax.models import build_model
 from nanogptoss_jax.optim import make_optimizer
+from nanogptoss_jax.run_config import gpt2_twin
 from nanogptoss_jax.train_step import init_train_state, make_train_step, split_model
 from nanogptoss_jax.trainer import Trainer, TrainingDivergedError, train
 from tests.train_helpers import tiny_run
@@ -107,6 +108,19 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, cache_dir):
   assert trainer.step == 4  # step 8 unreadable: resumed from the one before
   trainer.close()
   assert latest.exists()  # never deleted
+
+
+def test_gpt2_run_checkpoints_load_and_resume(tmp_path, cache_dir):
+  """GPT-2 keeps dropout RNG keys in its state: they must survive a save and a restore."""
+  cfg = gpt2_twin(tiny_run(tmp_path / "run", cache_dir, steps=4, eval_every=4, ckpt_every=2))
+  cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"))
+  trainer = Trainer(cfg, progress=False)
+  trainer.run(until=2)
+  trainer.close()
+  train(cfg, progress=False)  # resumes from step 2
+  model, tokenizer = ckpt.load_checkpoint(tmp_path / "run")
+  assert type(model).__name__ == "Gpt2"
+  assert sorted(step_losses(tmp_path / "run")) == [1, 2, 3, 4]
 
 
 def test_resume_refuses_a_different_model(tmp_path, cache_dir):
