@@ -14,7 +14,8 @@ from nanogptoss_jax.run_config import (FULL_VOCAB_SIZE, DataConfig, RunConfig, T
                                        gpt2_twin)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_FILES = sorted(CONFIGS_DIR.glob("*.py"))
+# Run configs; compare_*.py describe a comparison of two runs (tests/test_compare.py loads them).
+CONFIG_FILES = sorted(p for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("compare_"))
 NANO = CONFIGS_DIR / "nano.py"
 TINY_MODEL = GptOssConfig(num_hidden_layers=2, num_experts=2, experts_per_token=1, vocab_size=64,
                           hidden_size=16, intermediate_size=16, head_dim=8,
