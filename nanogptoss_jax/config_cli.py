@@ -261,7 +261,6 @@ def _run_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
       (train.context_len > 0, f"train.context_len={train.context_len} must be > 0"),
       (train.log_every > 0, f"train.log_every={train.log_every} must be > 0"),
       (train.eval_every > 0, f"train.eval_every={train.eval_every} must be > 0"),
-      (train.eval_batches > 0, f"train.eval_batches={train.eval_batches} must be > 0"),
       (train.ckpt_every > 0, f"train.ckpt_every={train.ckpt_every} must be > 0"),
       (train.keep_checkpoints > 0,
        f"train.keep_checkpoints={train.keep_checkpoints} must be > 0"),

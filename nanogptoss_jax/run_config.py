@@ -53,7 +53,6 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 10
   eval_every: int = 100
-  eval_batches: int = 4  # validation batches of batch_size windows each
   ckpt_every: int = 200
   keep_checkpoints: int = 3
   sample_prompt: str = "Once upon a time"
