@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanogptoss_jax import timing
 from nanogptoss_jax.config import GptOssConfig
 from nanogptoss_jax.gptoss import GptOss
 from nanogptoss_jax.sampling import generate
@@ -42,13 +43,7 @@ FLOAT32_BYTES = 4
 
 def best_time(fn, repeats=REPEATS) -> float:
   """Lowest wall time of fn() over `repeats` runs (after one untimed warm-up run)."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return timing.best_time(fn, repeats)
 
 
 def random_prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:

@@ -38,6 +38,7 @@ from nanogptoss_jax.params import param_counts
 from nanogptoss_jax.plots import read_metrics
 from nanogptoss_jax.run_config import RunConfig, gpt2_twin
 from nanogptoss_jax.sampling import generate
+from nanogptoss_jax.timing import best_time
 from nanogptoss_jax.trainer import METRICS_FILE, Trainer
 
 # Model keys (folder prefixes) and their names in the report, GPT-OSS first.
@@ -184,13 +185,7 @@ def sampling_tokens_per_s(model, tokenizer, new_tokens: int) -> float:
   # stop_tokens=() so every call draws exactly new_tokens; the first call compiles.
   sample = lambda: generate(model, [prompt], new_tokens, temperature=1.0,
                             top_k=min(SAMPLE_TOP_K, model.cfg.vocab_size), seed=0, stop_tokens=())
-  sample()
-  times = []
-  for _ in range(SAMPLE_REPEATS):
-    start = time.perf_counter()
-    sample()
-    times.append(time.perf_counter() - start)
-  return new_tokens / min(times)
+  return new_tokens / best_time(sample, SAMPLE_REPEATS)
 
 
 def _device_peak_bytes() -> int | None:

@@ -1,11 +1,10 @@
 """Model FLOPs per trained token (matmuls only), for model-FLOPs utilisation (MFU)."""
 
-import time
-
 import jax
 import jax.numpy as jnp
 
 from nanogptoss_jax.config import Gpt2Config, GptOssConfig
+from nanogptoss_jax.timing import best_time
 
 # Training does the forward matmuls once and the backward twice (activation and weight grads).
 TRAIN_PASSES = 3
@@ -45,10 +44,4 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 10, dtype=jnp.float32) 
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return 2 * size ** 3 / best_time(lambda: matmul(a, b).block_until_ready(), repeats)

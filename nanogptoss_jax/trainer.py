@@ -21,6 +21,7 @@ from nanogptoss_jax.optim import lr_schedule
 from nanogptoss_jax.plots import plot_run
 from nanogptoss_jax.run_config import RunConfig
 from nanogptoss_jax.sampling import generate_text
+from nanogptoss_jax.tokenizer import Tokenizer
 from nanogptoss_jax.train_step import init_train_state, make_eval_step, make_train_step
 from nanogptoss_jax.models import build_model
 
@@ -113,7 +114,7 @@ class Trainer:
     self.log = MetricsLog(self.run_dir, self.is_main)
 
     resume = self._read_resume_meta()
-    saved_tokenizer = ckpt.Tokenizer.from_dict(resume["tokenizer"]) if resume else None
+    saved_tokenizer = Tokenizer.from_dict(resume["tokenizer"]) if resume else None
     self.tokenizer, self.train_stream, self.val_stream = prepare_data(cfg.data, saved_tokenizer)
 
     self.mesh = sharding.make_mesh(cfg.train.fsdp)
