@@ -10,7 +10,8 @@ glibc reads them only at process start, so entry points re-exec themselves once 
 import os
 import sys
 
-TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184"
+TUNABLES = ("glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
+            ":glibc.malloc.arena_max=1")
 OPT_OUT = "NANOGPTOSS_NO_MALLOC_TUNING"
 
 

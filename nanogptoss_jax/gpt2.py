@@ -8,6 +8,7 @@ from nanogptoss_jax.attention import LayerCache, attend_with_cache, empty_cache
 from nanogptoss_jax.config import Gpt2Config
 from nanogptoss_jax.layers import dtype_of, normal_init, residual_init
 from nanogptoss_jax.model_output import ModelOutput, default_positions
+from nanogptoss_jax.unembedding import Unembedding
 
 POSITION_INIT_STD = 0.01  # GPT-2's own choice for the position table
 
@@ -83,15 +84,15 @@ class Gpt2(nnx.Module):
     self.blocks = nnx.List([Gpt2Block(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
     self.ln_f = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
-    self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
-                              param_dtype=param_dtype, kernel_init=normal_init(),
-                              preferred_element_type=jnp.float32, rngs=rngs)
+    self.unembedding = Unembedding(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
+                                   param_dtype=cfg.param_dtype, rngs=rngs)  # GPT-2's lm_head
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.forward(tokens).logits
 
   def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-              cache: list[LayerCache] | None = None, *, moe_groups: int = 1) -> ModelOutput:
+              cache: list[LayerCache] | None = None, *, moe_groups: int = 1,
+              unembed: bool = True) -> ModelOutput:
     """Same contract as GptOss.forward; `moe_groups` is accepted and unused (no experts)."""
     del moe_groups
     if positions is None:
@@ -102,8 +103,10 @@ class Gpt2(nnx.Module):
     for layer, block in enumerate(self.blocks):
       x, layer_cache = block(x, positions, None if cache is None else cache[layer])
       new_cache.append(layer_cache)
-    logits = self.lm_head(self.ln_f(x))  # [B, T, V] float32
-    return ModelOutput(logits=logits, cache=None if cache is None else new_cache, aux={})
+    hidden = self.ln_f(x)
+    logits = self.unembedding(hidden) if unembed else None  # [B, T, V] float32
+    return ModelOutput(logits=logits, hidden=hidden, cache=None if cache is None else new_cache,
+                       aux={})
 
   def init_cache(self, batch: int, max_length: int) -> list[LayerCache]:
     cfg = self.cfg

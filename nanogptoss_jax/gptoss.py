@@ -10,6 +10,7 @@ from nanogptoss_jax.layers import RMSNorm, dtype_of, normal_init
 from nanogptoss_jax.model_output import ModelOutput, default_positions
 from nanogptoss_jax.moe import MoE
 from nanogptoss_jax.rope import rope_tables
+from nanogptoss_jax.unembedding import Unembedding
 
 
 class Block(nnx.Module):
@@ -36,15 +37,15 @@ class GptOss(nnx.Module):
                                param_dtype=param_dtype, embedding_init=normal_init(), rngs=rngs)
     self.blocks = nnx.List([Block(cfg, layer, rngs=rngs) for layer in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.unembedding = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
-                                  param_dtype=param_dtype, kernel_init=normal_init(),
-                                  preferred_element_type=jnp.float32, rngs=rngs)
+    self.unembedding = Unembedding(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
+                                   param_dtype=cfg.param_dtype, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.forward(tokens).logits
 
   def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-              cache: list[LayerCache] | None = None, *, moe_groups: int = 1) -> ModelOutput:
+              cache: list[LayerCache] | None = None, *, moe_groups: int = 1,
+              unembed: bool = True) -> ModelOutput:
     """Logits for tokens [B, T] at `positions` [B, T] (default 0..T-1; negative = padding)."""
     if positions is None:
       positions = default_positions(tokens)
@@ -56,9 +57,11 @@ class GptOss(nnx.Module):
                                           moe_groups=moe_groups)
       new_cache.append(layer_cache)
       stats.append(layer_stats)
-    logits = self.unembedding(self.norm(x))  # [B, T, V] float32
+    hidden = self.norm(x)
+    logits = self.unembedding(hidden) if unembed else None  # [B, T, V] float32
     aux = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
-    return ModelOutput(logits=logits, cache=None if cache is None else new_cache, aux=aux)
+    return ModelOutput(logits=logits, hidden=hidden, cache=None if cache is None else new_cache,
+                       aux=aux)
 
   def init_cache(self, batch: int, max_length: int) -> list[LayerCache]:
     """An empty cache for `max_length` positions; sliding layers keep only a window-sized ring."""

@@ -9,9 +9,14 @@ from nanogptoss_jax.attention import LayerCache
 
 @flax.struct.dataclass
 class ModelOutput:
-  """Logits [B, T, V], the updated KV cache (None without one), per-layer auxiliary stats."""
+  """Logits [B, T, V], the updated KV cache (None without one), per-layer auxiliary stats.
 
-  logits: jax.Array
+  `hidden` is the final normalised hidden state [B, T, D], what the unembedding reads; `logits`
+  is None when the forward pass was asked not to unembed (the training loss fuses that step).
+  """
+
+  logits: jax.Array | None
+  hidden: jax.Array
   cache: list[LayerCache] | None
   aux: dict  # name -> array stacked over layers ([L] or [L, E]); empty for dense models
 

@@ -3,6 +3,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from nanogptoss_jax.run_config import OptimConfig
@@ -41,10 +42,26 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm with one multiply by a scalar per element.
+
+  optax divides every element by the norm. XLA on CPU does not duplicate a division into the
+  several Adam fusions that read a gradient, so it wrote the clipped gradients out: one more
+  pass over every parameter-sized array per step (~80 ms of a 1 s bench-201k step).
+  """
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.minimum(1.0, max_norm / norm)  # norm 0 gives inf here, so scale 1
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
   """clip_by_global_norm (when grad_clip > 0), then AdamW with the schedule and the decay mask."""
   adamw = optax.adamw(learning_rate=lr_schedule(cfg, total_steps), b1=cfg.beta1, b2=cfg.beta2,
                       eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return optax.chain(clip_by_global_norm(cfg.grad_clip), adamw)
   return adamw

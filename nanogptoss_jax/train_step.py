@@ -35,9 +35,8 @@ def init_train_state(model, tx: optax.GradientTransformation) -> TrainState:
 
 def token_losses(model, batch: jax.Array, moe_groups: int = 1):
   """Next-token cross-entropy [B, T] of windows batch [B, T + 1], and the model's aux stats."""
-  out = model.forward(batch[:, :-1], moe_groups=moe_groups)
-  losses = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch[:, 1:])
-  return losses, out.aux
+  out = model.forward(batch[:, :-1], moe_groups=moe_groups, unembed=False)
+  return model.unembedding.cross_entropy(out.hidden, batch[:, 1:]), out.aux
 
 
 def _loss(params, graphdef, rest, batch, cfg: RunConfig, moe_groups: int):
