@@ -37,10 +37,12 @@ def load(name: str):
   return load_config_file(CONFIGS / f"{name}.py")
 
 
-def bench(name: str, steps: int, batch_size: int | None, peak: float) -> dict:
+def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
+          peak: float) -> dict:
   cfg = load(name)
-  if batch_size:
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size))
+  overrides = {"batch_size": batch_size, "grad_accum": grad_accum}
+  overrides = {key: value for key, value in overrides.items() if value}
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
   train = cfg.train
   graphdef, _, tx = abstract_train_state(cfg)
   state = jax.jit(lambda: init_train_state(build_model(cfg.model, 0), tx))()
@@ -71,11 +73,13 @@ def main() -> None:
   parser.add_argument("--configs", default="nano,bench_201k,bench_201k_compact")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
+  parser.add_argument("--grad-accum", type=int, default=None, help="override train.grad_accum")
   args = parser.parse_args()
   peak = measure_matmul_peak()
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
         f"f32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3, best of 10)")
-  rows = [bench(name, args.steps, args.batch_size, peak) for name in args.configs.split(",")]
+  rows = [bench(name, args.steps, args.batch_size, args.grad_accum, peak)
+          for name in args.configs.split(",")]
   header = ["config", "tokens/step", "step s", "tokens/s", "GFLOP/step", "MFU", "compile s"]
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))

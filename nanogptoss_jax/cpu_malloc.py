@@ -1,10 +1,13 @@
 """Keeps glibc from returning XLA's large per-step buffers to the OS (a CPU speed fix).
 
-XLA on CPU allocates a jitted step's big temporaries afresh at every call. glibc serves blocks
-above its mmap threshold (at most 32 MiB by default) with new mmaps and unmaps them on free, so
-every step page-faults its whole working set again: elementwise ops on large arrays ran 2-3x
-slower here. Raising the mmap and trim thresholds keeps that memory in the heap for reuse.
-glibc reads them only at process start, so entry points re-exec themselves once with them set.
+XLA on CPU allocates a jitted step's big temporaries afresh at every call, from its worker
+threads. glibc serves blocks above its mmap threshold (at most 32 MiB by default) with new
+mmaps, and a worker thread's arena (capped at 64 MiB heaps) falls back to mmap for any large
+block whatever the threshold; both are unmapped on free, so every step page-faults its whole
+working set again. One arena (the main heap, which grows without that cap) and high mmap and
+trim thresholds keep that memory for reuse: measured here, an elementwise op over a
+[201088, 256] float32 array went 85 ms -> 16 ms, the bench-201k train step 1.49 s -> 1.19 s.
+glibc reads tunables only at process start, so entry points re-exec themselves once with them.
 """
 
 import os

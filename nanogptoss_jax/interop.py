@@ -1,9 +1,8 @@
 """Weights to and from OpenAI's reference `Transformer.state_dict()` naming and layouts.
 
 The reference stores linear weights as [out, in] and expert weights as [E, out, in]; we store
-[in, out] and [E, in, out], except the unembedding: [V, D] in both. The table below is the
-whole mapping: our parameter path (with `{i}` for the layer), the reference name, and whether
-the last two axes swap.
+[in, out] and [E, in, out]. The table below is the whole mapping: our parameter path (with
+`{i}` for the layer), the reference name, and whether the last two axes swap.
 """
 
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from nanogptoss_jax.layers import dtype_of
 GLOBAL_PARAMS = [
     ("embedding.embedding", "embedding.weight", False),
     ("norm.scale", "norm.scale", False),
-    ("unembedding.weight", "unembedding.weight", False),
+    ("unembedding.kernel", "unembedding.weight", True),
 ]
 LAYER_PARAMS = [
     ("attn.norm.scale", "attn.norm.scale", False),

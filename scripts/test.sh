@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 . .venv/bin/activate
 # Faster XLA on CPU (see nanogptoss_jax/cpu_malloc.py).
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184}
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-$(python -c "from nanogptoss_jax.cpu_malloc import TUNABLES; print(TUNABLES)")}
 python -m pytest "$@"

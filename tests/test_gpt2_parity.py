@@ -52,7 +52,7 @@ def _random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
 def _hf_name(path: tuple) -> tuple[str, bool]:
   """(HF parameter name, transpose) for one of our parameter paths."""
   if path[0] == "unembedding":
-    return "lm_head.weight", False  # [V, D] in both
+    return "lm_head.weight", True  # torch Linear [V, D]; ours [D, V]
   leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[path[-1]]
   if path[0] == "blocks":
     # Module names below the block match HF's; nnx.Linear kernels are [in, out] like Conv1D.
