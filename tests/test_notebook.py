@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from tests.train_helpers import HF_MIRROR
