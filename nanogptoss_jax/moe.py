@@ -2,8 +2,12 @@
 
 `dense` runs every expert on every token (the test oracle). `sorted` groups the token-expert
 assignments by expert into fixed-size row blocks and runs one batched matmul over the blocks
-(fastest on CPU). `ragged` groups the same way and uses `jax.lax.ragged_dot` (the grouped
-matmul GPUs and TPUs are built for). The last two cost O(experts_per_token), not O(num_experts).
+(the default everywhere). `ragged` groups the same way and uses `jax.lax.ragged_dot`. The
+last two cost O(experts_per_token), not O(num_experts).
+
+Measured, not assumed: on an H100 (JAX 0.11.2, the medium config in bfloat16) a `ragged` train
+step took 2.35 s, 95% of it in two scatter fusions of ragged_dot's backward, and a `sorted` one
+0.133 s. On this project's 2-core CPU `ragged_dot` runs ~4x slower than the batched einsum.
 """
 
 import dataclasses
@@ -33,9 +37,8 @@ def swiglu(h: jax.Array, limit: float) -> jax.Array:
 
 
 def resolve_moe_impl(name: str) -> str:
-  if name != "auto":
-    return name
-  return "sorted" if jax.default_backend() == "cpu" else "ragged"
+  """`auto` is `sorted`: the fastest on every backend measured (CPU, H100; see above)."""
+  return "sorted" if name == "auto" else name
 
 
 class MoE(nnx.Module):
