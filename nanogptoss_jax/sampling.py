@@ -157,8 +157,8 @@ def _first_or_last(condition: jax.Array, positive: jax.Array) -> jax.Array:
   return jnp.where(condition.any(axis=-1), jnp.argmax(condition, axis=-1), last)
 
 
-def draw(uniform: jax.Array, logits: jax.Array) -> jax.Array:
-  """One index per row drawn with probability softmax(logits [B, C]) by uniform [B] in [0, 1).
+def draw(key: jax.Array, logits: jax.Array) -> jax.Array:
+  """One index per row drawn with probability softmax(logits [B, C]): [B] int32.
 
   Inverse-CDF sampling in two levels (the block, then the token inside it): one uniform number
   per row, where jax.random.categorical makes (and sums) one Gumbel number per logit, which
@@ -172,7 +172,7 @@ def draw(uniform: jax.Array, logits: jax.Array) -> jax.Array:
   probs = jnp.exp(padded - peak).reshape(batch, blocks, block)  # [B, G, K], unnormalised
   block_mass = probs.sum(axis=-1)  # [B, G]
   block_end = jnp.cumsum(block_mass, axis=-1)  # [B, G]
-  target = uniform * block_end[:, -1]  # [B]
+  target = jax.random.uniform(key, (batch,)) * block_end[:, -1]  # [B]
   # Rounding can leave the target at or past the last boundary, or make a zero-mass block look
   # like a step: asking for positive mass as well rules both out.
   chosen = _first_or_last((block_end > target[:, None]) & (block_mass > 0), block_mass > 0)
@@ -184,15 +184,15 @@ def draw(uniform: jax.Array, logits: jax.Array) -> jax.Array:
   return (chosen * block + token).astype(jnp.int32)
 
 
-def sample_tokens(logits: jax.Array, uniform: jax.Array, settings: SamplerSettings,
+def sample_tokens(logits: jax.Array, key: jax.Array, settings: SamplerSettings,
                   temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-  """One token per row of logits [B, V], drawn with uniform [B] in [0, 1) -> [B] int32."""
+  """One token per row of logits [B, V] -> [B] int32."""
   if settings.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   # With top_k only the k candidates are filtered and drawn from, never a V-sized array again.
   values, indices = _candidates(logits / temperature, settings.top_k,
                                 top_p if settings.use_top_p else None)
-  choice = draw(uniform, values)  # [B]
+  choice = draw(key, values)  # [B]
   if indices is None:
     return choice
   return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
@@ -213,13 +213,6 @@ def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, sto
   TRACE_COUNTS["decode"] += 1
   model = nnx.merge(graphdef, params)
 
-  # Every step's uniform numbers up front: drawn inside the loop, threefry's own rolled loops
-  # ran twice per token (about a tenth of a batch-1 step on a CPU). Step t still uses
-  # fold_in(key, t), so chunked (streamed) calls draw the same tokens as one call.
-  batch, steps = state.output.shape
-  uniforms = jax.vmap(lambda t: jax.random.uniform(jax.random.fold_in(state.key, t), (batch,))
-                      )(jnp.arange(steps))  # [N, B]
-
   def keep_going(state):
     return (state.step < limit) & ~jnp.all(state.done)
 
@@ -227,8 +220,8 @@ def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, sto
     # Finished rows still run (fixed shapes) but at a padding position, so they store nothing.
     position = jnp.where(state.done, PADDING_POSITION, state.position)
     out = model.forward(state.token[:, None], position[:, None], state.cache)
-    uniform = jax.lax.dynamic_index_in_dim(uniforms, state.step, keepdims=False)  # [B]
-    token = sample_tokens(out.logits[:, 0], uniform, settings, temperature, top_p)  # [B]
+    key = jax.random.fold_in(state.key, state.step)
+    token = sample_tokens(out.logits[:, 0], key, settings, temperature, top_p)  # [B]
     token = jnp.where(state.done, NO_TOKEN, token)
     done = state.done | jnp.any(token[:, None] == stop_tokens, axis=-1)
     output = jax.lax.dynamic_update_slice(state.output, token[:, None], (0, state.step))

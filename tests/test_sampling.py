@@ -186,8 +186,7 @@ def test_sample_frequencies_match_softmax(top_k):
   logits = jnp.asarray([0.0, 1.0, 2.0, 0.5])
   temperature = 0.7
   settings = sampling.SamplerSettings(greedy=False, top_k=top_k, use_top_p=False)
-  uniform = jax.random.uniform(jax.random.key(3), (SAMPLES,))
-  draws = sampling.sample_tokens(jnp.broadcast_to(logits, (SAMPLES, 4)), uniform,
+  draws = sampling.sample_tokens(jnp.broadcast_to(logits, (SAMPLES, 4)), jax.random.key(3),
                                  settings, jnp.float32(temperature), jnp.float32(1.0))
   expected = np.asarray(jax.nn.softmax(filter_logits(logits[None] / temperature, top_k)))[0]
   frequencies = np.bincount(np.asarray(draws), minlength=4) / SAMPLES
@@ -223,8 +222,7 @@ def test_draw_over_many_blocks_matches_softmax():
   size = 3 * sampling.DRAW_BLOCK + 37  # the last block is mostly padding
   logits = jax.random.normal(jax.random.key(1), (size,)) * 2
   logits = logits.at[::3].set(-jnp.inf)  # filtered tokens, scattered through every block
-  uniform = jax.random.uniform(jax.random.key(2), (SAMPLES,))
-  draws = np.asarray(sampling.draw(uniform, jnp.broadcast_to(logits, (SAMPLES, size))))
+  draws = np.asarray(sampling.draw(jax.random.key(2), jnp.broadcast_to(logits, (SAMPLES, size))))
   assert np.all(np.isfinite(np.asarray(logits)[draws]))
   # Frequencies per group of 100 tokens (each group holds a fair share of the mass).
   groups = np.arange(size) // 100
