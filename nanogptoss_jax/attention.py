@@ -192,4 +192,3 @@ class Attention(nnx.Module):
     out, cache = attend_with_cache(q, k, v, positions, cache, window=self.window, sinks=sinks)
     out = out.reshape(batch, length, self.num_heads * self.head_dim)  # [B, T, N * H]
     return self.out(out), cache
-
