@@ -19,6 +19,10 @@ from flax import nnx
 # and exp(MASKED - max) is exactly 0 in float32 whenever a row has one visible key.
 MASKED = -1e30
 EMPTY_SLOT = -1  # cache position of a slot that holds no key yet
+# Query block size when a sequence attends to itself in order (training): key blocks wholly
+# after a query block, or wholly before its window, are skipped. On a 2-core CPU, nano's
+# attention forward + backward (T = 256) takes 18 ms a layer in blocks of 64 against 27 whole.
+QUERY_BLOCK = 64
 
 
 @flax.struct.dataclass
@@ -67,21 +71,35 @@ def visible(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-           window: int | None, sinks: jax.Array | None) -> jax.Array:
+           window: int | None, sinks: jax.Array | None, in_order: bool = False) -> jax.Array:
   """Grouped-query attention: q [B, T, K, G, H], k/v [B, K, S, H] -> [B, T, K, G, H].
 
   `sinks` [K, G] is one learned logit per query head that joins the softmax as an extra column
   with no value: it soaks up probability mass (so a head may attend to nothing) and is dropped.
+  `in_order` promises that keys are the queries' own tokens at positions 0..T-1, so that a key
+  after a query (by index) is never visible to it: whole blocks of keys can then be skipped.
   """
   batch, length, kv_heads, groups, head_dim = q.shape
-  # The G queries sharing a kv head become one [G * T] axis: both products are then plain
-  # batched matmuls over (B, K), which XLA runs far faster than a 5-d einsum.
-  q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim)  # [B, K, G*T, H]
-  mask = visible(q_pos, k_pos, window)[:, None, None]  # [B, 1, 1, T, S]
   if sinks is None:  # a sink at -inf takes no probability mass: plain softmax
     sinks = jnp.full((kv_heads, groups), -jnp.inf)
-  out = _softmax_attention(q, k, v, mask, sinks.astype(jnp.float32))  # [B, K, G*T, H]
-  return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
+  sinks = sinks.astype(jnp.float32)
+  q = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+  blocks = []
+  block = QUERY_BLOCK if in_order else length
+  for start in range(0, length, block):
+    stop = min(start + block, length)
+    # Keys from the first one inside the window of this block's first query (rounded down to a
+    # block edge, for even matmul shapes) to its last query: the rest are all masked.
+    first = 0 if window is None or not in_order else max(0, start - window + 1) // block * block
+    last = stop if in_order else k.shape[2]
+    # The G queries sharing a kv head become one [G * T] axis: both products are then plain
+    # batched matmuls over (B, K), which XLA runs far faster than a 5-d einsum.
+    q_block = q[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), head_dim)
+    mask = visible(q_pos[:, start:stop], k_pos[:, first:last], window)[:, None, None]
+    out = _softmax_attention(q_block, k[:, :, first:last], v[:, :, first:last], mask, sinks)
+    blocks.append(out.reshape(batch, kv_heads, groups, stop - start, head_dim))
+  out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=3)  # [B, K, G, T, H]
+  return out.transpose(0, 3, 1, 2, 4)
 
 
 def _probabilities(q, k, mask, sinks) -> tuple[jax.Array, jax.Array]:
@@ -135,14 +153,16 @@ _softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backwar
 
 
 def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: int | None,
-                      sinks: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
+                      sinks: jax.Array | None, in_order: bool = False
+                      ) -> tuple[jax.Array, LayerCache | None]:
   """Attention of new tokens over themselves (no cache) or over cache + themselves.
 
-  q [B, T, K, G, H]; k, v [B, T, K, H] for the new tokens.
+  q [B, T, K, G, H]; k, v [B, T, K, H] for the new tokens. `in_order`: positions are 0..T-1.
   """
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   if cache is None:
-    return attend(q, k, v, positions, positions, window=window, sinks=sinks), None
+    return attend(q, k, v, positions, positions, window=window, sinks=sinks,
+                  in_order=in_order), None
   if window is None:
     # Full layer: the cache has a slot for every position, so write first and read it whole.
     cache = cache_write(cache, k, v, positions)
@@ -178,7 +198,8 @@ class Attention(nnx.Module):
                           kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+               cache: LayerCache | None = None, *, in_order: bool = False
+               ) -> tuple[jax.Array, LayerCache | None]:
     batch, length, _ = x.shape
     groups = self.num_heads // self.kv_heads
     qkv = self.qkv(self.norm(x))
@@ -189,6 +210,7 @@ class Attention(nnx.Module):
     v = qkv[..., q_size + kv_size:].reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     sinks = self.sinks[...].reshape(self.kv_heads, groups)  # [K, G]
-    out, cache = attend_with_cache(q, k, v, positions, cache, window=self.window, sinks=sinks)
+    out, cache = attend_with_cache(q, k, v, positions, cache, window=self.window, sinks=sinks,
+                                   in_order=in_order)
     out = out.reshape(batch, length, self.num_heads * self.head_dim)  # [B, T, N * H]
     return self.out(out), cache

@@ -25,14 +25,15 @@ class Gpt2Attention(nnx.Module):
                              kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def __call__(self, x, positions, cache=None):
+  def __call__(self, x, positions, cache=None, *, in_order=False):
     batch, length, hidden = x.shape
     # Multi-head attention is grouped-query attention with one query per kv head (G = 1).
     q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
     q = q.reshape(batch, length, self.num_heads, 1, self.head_dim)  # [B, T, N, 1, H]
     k = k.reshape(batch, length, self.num_heads, self.head_dim)  # [B, T, N, H]
     v = v.reshape(batch, length, self.num_heads, self.head_dim)  # [B, T, N, H]
-    out, cache = attend_with_cache(q, k, v, positions, cache, window=None, sinks=None)
+    out, cache = attend_with_cache(q, k, v, positions, cache, window=None, sinks=None,
+                                   in_order=in_order)
     out = self.c_proj(out.reshape(batch, length, hidden))  # [B, T, D]
     return self.dropout(out), cache
 
@@ -63,8 +64,8 @@ class Gpt2Block(nnx.Module):
     self.ln_2 = nnx.LayerNorm(cfg.hidden_size, **norm)
     self.mlp = Gpt2Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, cache=None):
-    attn_out, cache = self.attn(self.ln_1(x), positions, cache)
+  def __call__(self, x, positions, cache=None, *, in_order=False):
+    attn_out, cache = self.attn(self.ln_1(x), positions, cache, in_order=in_order)
     x = x + attn_out
     return x + self.mlp(self.ln_2(x)), cache
 
@@ -95,13 +96,15 @@ class Gpt2(nnx.Module):
               unembed: bool = True) -> ModelOutput:
     """Same contract as GptOss.forward; `moe_groups` is accepted and unused (no experts)."""
     del moe_groups
-    if positions is None:
+    in_order = positions is None  # then attention may skip key blocks that follow the queries
+    if in_order:
       positions = default_positions(tokens)
     # Padding positions (< 0) read row 0 of the table; their outputs are never used.
     x = self.dropout(self.wte(tokens) + self.wpe(jnp.maximum(positions, 0)))  # [B, T, D]
     new_cache = []
     for layer, block in enumerate(self.blocks):
-      x, layer_cache = block(x, positions, None if cache is None else cache[layer])
+      x, layer_cache = block(x, positions, None if cache is None else cache[layer],
+                             in_order=in_order)
       new_cache.append(layer_cache)
     hidden = self.ln_f(x)
     logits = self.unembedding(hidden) if unembed else None  # [B, T, V] float32

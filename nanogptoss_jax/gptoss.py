@@ -20,8 +20,8 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, layer, rngs=rngs)
     self.mlp = MoE(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, rope, cache=None, *, moe_groups=1):
-    attn_out, cache = self.attn(x, positions, rope, cache)
+  def __call__(self, x, positions, rope, cache=None, *, moe_groups=1, in_order=False):
+    attn_out, cache = self.attn(x, positions, rope, cache, in_order=in_order)
     x = x + attn_out
     mlp_out, stats = self.mlp(x, groups=moe_groups)
     return x + mlp_out, cache, stats
@@ -47,14 +47,15 @@ class GptOss(nnx.Module):
               cache: list[LayerCache] | None = None, *, moe_groups: int = 1,
               unembed: bool = True) -> ModelOutput:
     """Logits for tokens [B, T] at `positions` [B, T] (default 0..T-1; negative = padding)."""
-    if positions is None:
+    in_order = positions is None  # then attention may skip key blocks that follow the queries
+    if in_order:
       positions = default_positions(tokens)
     rope = rope_tables(self.cfg, positions)  # shared by every layer
     x = self.embedding(tokens)  # [B, T, D]
     new_cache, stats = [], []
     for layer, block in enumerate(self.blocks):
       x, layer_cache, layer_stats = block(x, positions, rope, None if cache is None else cache[layer],
-                                          moe_groups=moe_groups)
+                                          moe_groups=moe_groups, in_order=in_order)
       new_cache.append(layer_cache)
       stats.append(layer_stats)
     hidden = self.norm(x)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax import ConfigError, Gpt2, Gpt2Config, GptOss, GptOssConfig, config
-from nanogptoss_jax.attention import attend
+from nanogptoss_jax.attention import QUERY_BLOCK, attend
 from nanogptoss_jax.moe import MoE
 from nanogptoss_jax.params import count_params, param_counts
 from nanogptoss_jax.rope import rope_tables
@@ -183,6 +183,38 @@ def _random_qkv(batch=2, length=7, kv_heads=2, groups=3, head_dim=8):
   q = _normal((batch, length, kv_heads, groups, head_dim), seed=0)
   k, v = _normal((2, batch, kv_heads, length, head_dim), seed=1)
   return q, k, v
+
+
+@pytest.mark.parametrize("window", [None, 1, QUERY_BLOCK, QUERY_BLOCK + 6])
+def test_skipping_key_blocks_changes_nothing(window):
+  """in_order attention (query blocks that skip the key blocks they cannot see) gives the same
+  outputs and gradients as attending over every key; the last block is a partial one."""
+  q, k, v = _random_qkv(length=2 * QUERY_BLOCK + 37, groups=2)
+  positions = _positions(*q.shape[:2])
+  sinks = _normal(q.shape[2:4], seed=3)
+  upstream = _normal(q.shape, seed=4)
+
+  def loss(q, k, v, sinks, in_order):
+    out = attend(q, k, v, positions, positions, window=window, sinks=sinks, in_order=in_order)
+    return jnp.sum(out * upstream), out
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
+  (whole, out_whole), (blocked, out_blocked) = (grad(q, k, v, sinks, in_order)
+                                                for in_order in (False, True))
+  np.testing.assert_allclose(out_blocked, out_whole, rtol=1e-5, atol=1e-6)
+  for name, a, b in zip("q k v sinks".split(), blocked, whole):
+    assert relative_error(a, b) < 1e-5, f"d{name} differs: {relative_error(a, b):.2e}"
+
+
+def test_default_positions_take_the_block_skipping_path_and_agree():
+  """forward(tokens) (positions implied, so in order) == forward(tokens, explicit positions)."""
+  model = _model()
+  length = QUERY_BLOCK + 9  # two query blocks, the window (4) far shorter than a block
+  tokens = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, length))
+  positions = np.broadcast_to(np.arange(length), tokens.shape)
+  implied = nnx.jit(lambda m, t: m.forward(t).logits)(model, tokens)
+  explicit = nnx.jit(lambda m, t, p: m.forward(t, p).logits)(model, tokens, positions)
+  np.testing.assert_allclose(implied, explicit, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 3])
