@@ -136,7 +136,7 @@ def _softmax_attention_forward(q, k, v, mask, sinks):
 
 def _softmax_attention_backward(residuals, dout):
   q, k, v, out, probs, sink_probs = residuals
-  batch, kv_heads, rows, head_dim = q.shape
+  head_dim = q.shape[-1]
   dv = jnp.einsum("bkqs,bkqh->bksh", probs.astype(dout.dtype), dout)
   dprobs = jnp.einsum("bkqh,bksh->bkqs", dout, v, preferred_element_type=jnp.float32)
   # Softmax backward: dscore = p * (dp - sum_s p * dp), and sum_s p * dp = sum_h dout * out.
