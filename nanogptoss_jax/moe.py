@@ -1,9 +1,10 @@
 """Mixture-of-experts MLP: router, top-k, SwiGLU experts, and three ways to reach the experts.
 
-`dense` runs every expert on every token (the test oracle). `sorted` groups the token-expert
-assignments by expert into fixed-size row blocks and runs one batched matmul over the blocks
-(the default everywhere). `ragged` groups the same way and uses `jax.lax.ragged_dot`. The
-last two cost O(experts_per_token), not O(num_experts).
+`dense` runs every expert on every token (the test oracle, and `auto`'s choice for a handful of
+tokens such as a decode step). `sorted` groups the token-expert assignments by expert into
+fixed-size row blocks and runs one batched matmul over the blocks (`auto`'s choice for
+batches). `ragged` groups the same way and uses `jax.lax.ragged_dot`. The last two cost
+O(experts_per_token), not O(num_experts).
 
 Measured, not assumed: on an H100 (JAX 0.11.2, the medium config in bfloat16) a `ragged` train
 step took 2.35 s, 95% of it in two scatter fusions of ragged_dot's backward, and a `sorted` one
@@ -36,9 +37,19 @@ def swiglu(h: jax.Array, limit: float) -> jax.Array:
   return gate * jax.nn.sigmoid(SWIGLU_ALPHA * gate) * (linear + 1)
 
 
-def resolve_moe_impl(name: str) -> str:
-  """`auto` is `sorted`: the fastest on every backend measured (CPU, H100; see above)."""
-  return "sorted" if name == "auto" else name
+def resolve_moe_impl(name: str, tokens: int, num_experts: int, per_token: int) -> str:
+  """`auto`: `dense` when it computes no more rows than `sorted`'s padded blocks, else `sorted`.
+
+  `sorted` is the fastest on every backend measured (CPU, H100; see above) for many tokens.
+  For a handful (a decode step), its blocks of at least MIN_BLOCK_ROWS rows hold mostly
+  padding and each copies an expert's weights, while `dense` reads every expert's weights once
+  in place: a batch-1 decode step of bench-201k gets faster.
+  """
+  if name != "auto":
+    return name
+  blocks = _num_blocks(tokens * per_token, num_experts)
+  sorted_rows = blocks * _block_rows(tokens * per_token, num_experts)
+  return "dense" if tokens * num_experts <= sorted_rows else "sorted"
 
 
 class MoE(nnx.Module):
@@ -75,7 +86,8 @@ class MoE(nnx.Module):
     logits = self.gate(t.astype(jnp.float32))  # [groups, N / groups, E]
     top_logits, top_experts = jax.lax.top_k(logits, self.cfg.experts_per_token)  # [groups, N / groups, C]
     top_weights = jax.nn.softmax(top_logits, axis=-1)  # softmax over the chosen experts only
-    impl = resolve_moe_impl(impl or self.cfg.moe_impl)
+    impl = resolve_moe_impl(impl or self.cfg.moe_impl, t.shape[1], self.cfg.num_experts,
+                            self.cfg.experts_per_token)
     expert_fn = {"dense": self._dense, "sorted": self._sorted, "ragged": self._ragged}[impl]
     weights = tuple(p[...].astype(self.dtype) for p in
                     (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias))
@@ -91,14 +103,17 @@ class MoE(nnx.Module):
     return out.reshape(batch, length, hidden).astype(x.dtype), stats
 
   def _dense(self, t, top_experts, top_weights, weights):
-    """Every expert on every token, combined with zero weight off the top-k (test oracle)."""
+    """Every expert on every token, combined with zero weight off the top-k (the oracle)."""
     w1, b1, w2, b2 = weights
-    h = jnp.einsum("nd,edf->nef", t, w1) + b1  # [N, E, 2F]
-    y = jnp.einsum("nef,efd->ned", swiglu(h, self.cfg.swiglu_limit), w2) + b2  # [N, E, D]
-    rows = jnp.arange(t.shape[0])[:, None]
-    combine = jnp.zeros((t.shape[0], self.cfg.num_experts), jnp.float32)
+    # Experts as a batch axis of both operands: each expert's [D, 2F] slice feeds a plain
+    # matmul where it lies (contracting x with [E, D, 2F] directly transposes a weight copy).
+    t = jnp.broadcast_to(t, (self.cfg.num_experts, *t.shape))  # [E, N, D]
+    h = jnp.einsum("end,edf->enf", t, w1) + b1[:, None]  # [E, N, 2F]
+    y = jnp.einsum("enf,efd->end", swiglu(h, self.cfg.swiglu_limit), w2) + b2[:, None]  # [E, N, D]
+    rows = jnp.arange(t.shape[1])[:, None]
+    combine = jnp.zeros((t.shape[1], self.cfg.num_experts), jnp.float32)
     combine = combine.at[rows, top_experts].set(top_weights)  # [N, E]
-    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine)
+    return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
 
   def _sorted(self, t, top_experts, top_weights, weights):
     """Assignments sorted by expert, padded into blocks of R rows, one batched matmul."""
@@ -154,8 +169,7 @@ def block_plan(top_experts: jax.Array, num_experts: int) -> BlockPlan:
   """Lays out assignments so that every block of R rows belongs to a single expert."""
   assignments = top_experts.size
   rows = _block_rows(assignments, num_experts)
-  # Each non-empty group wastes < R rows of padding, and at most min(E, A) groups are non-empty.
-  num_blocks = -(-(assignments + min(num_experts, assignments) * (rows - 1)) // rows)
+  num_blocks = _num_blocks(assignments, num_experts)
   order, expert, token = sort_assignments(top_experts)
   sizes = jnp.bincount(expert, length=num_experts)
   padded = -(-sizes // rows) * rows
@@ -167,6 +181,13 @@ def block_plan(top_experts: jax.Array, num_experts: int) -> BlockPlan:
   block_start = jnp.arange(num_blocks) * rows
   block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), num_experts - 1)
   return BlockPlan(order, token, dest, block_expert, rows, num_blocks * rows)
+
+
+def _num_blocks(assignments: int, num_experts: int) -> int:
+  """Blocks for the worst case: each non-empty group wastes < R rows of padding, and at most
+  min(E, A) groups are non-empty."""
+  rows = _block_rows(assignments, num_experts)
+  return -(-(assignments + min(num_experts, assignments) * (rows - 1)) // rows)
 
 
 def _block_rows(assignments: int, num_experts: int) -> int:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from nanogptoss_jax import ConfigError, Gpt2, Gpt2Config, GptOss, GptOssConfig, config
 from nanogptoss_jax.attention import QUERY_BLOCK, attend
-from nanogptoss_jax.moe import MoE
+from nanogptoss_jax.moe import MoE, resolve_moe_impl
 from nanogptoss_jax.params import count_params, param_counts
 from nanogptoss_jax.rope import rope_tables
 from tests.reference import relative_error
@@ -272,6 +272,16 @@ def test_sparse_moe_matches_dense_oracle(experts_per_token, cases):
       # grads must then be all-zero on both sides, which relative_error checks.
       err = relative_error(grad[...], dense_grad[...])
       assert err <= MOE_TOLERANCE, f"{where}: grad {'.'.join(map(str, path))} rel err {err:.2e}"
+
+
+def test_auto_moe_is_dense_for_a_decode_step_and_sorted_for_a_batch():
+  # A batch-1 decode step of a 4-expert top-2 model: dense computes 4 rows, sorted pads 2
+  # assignments into blocks of MIN_BLOCK_ROWS; a train batch: dense computes 2x the rows.
+  assert resolve_moe_impl("auto", tokens=1, num_experts=4, per_token=2) == "dense"
+  assert resolve_moe_impl("auto", tokens=8, num_experts=4, per_token=2) == "dense"
+  assert resolve_moe_impl("auto", tokens=4096, num_experts=4, per_token=2) == "sorted"
+  assert resolve_moe_impl("auto", tokens=256, num_experts=4, per_token=1) == "sorted"
+  assert resolve_moe_impl("ragged", tokens=1, num_experts=4, per_token=2) == "ragged"
 
 
 @nnx.jit
