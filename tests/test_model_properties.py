@@ -13,7 +13,7 @@ from flax import nnx
 
 from nanogptoss_jax import ConfigError, Gpt2, Gpt2Config, GptOss, GptOssConfig, config
 from nanogptoss_jax.attention import QUERY_BLOCK, attend
-from nanogptoss_jax.moe import MoE, resolve_moe_impl
+from nanogptoss_jax.moe import MoE, block_plan, resolve_moe_impl
 from nanogptoss_jax.params import count_params, param_counts
 from nanogptoss_jax.rope import rope_tables
 from tests.reference import relative_error
@@ -272,6 +272,26 @@ def test_sparse_moe_matches_dense_oracle(experts_per_token, cases):
       # grads must then be all-zero on both sides, which relative_error checks.
       err = relative_error(grad[...], dense_grad[...])
       assert err <= MOE_TOLERANCE, f"{where}: grad {'.'.join(map(str, path))} rel err {err:.2e}"
+
+
+def test_sorted_blocks_suffice_for_the_worst_routing():
+  # Three groups of R + 1 assignments each end in a block holding one row: this routing needs
+  # every block the plan allows (the bound is tight), and sorted must still equal dense.
+  moe = _random_module(MoE, CFG.replace(experts_per_token=1))
+  tokens, experts = 4096, CFG.num_experts
+  rows = block_plan(jnp.zeros((tokens, 1), jnp.int32), experts).rows_per_block
+  sizes = [rows + 1] * (experts - 1) + [tokens - (experts - 1) * (rows + 1)]
+  rng = np.random.default_rng(6)
+  top_experts = jnp.asarray(rng.permutation(np.repeat(np.arange(experts), sizes))[:, None])
+  plan = block_plan(top_experts, experts)
+  needed = sum(-(-size // rows) for size in sizes)
+  assert plan.num_rows == needed * rows, (plan.num_rows // rows, needed)
+  t = jnp.asarray(_normal((tokens, CFG.hidden_size), seed=5))
+  top_weights = jnp.ones((tokens, 1), jnp.float32)
+  weights = tuple(p[...] for p in (moe.mlp1_weight, moe.mlp1_bias, moe.mlp2_weight, moe.mlp2_bias))
+  sparse = jax.jit(moe._sorted)(t, top_experts, top_weights, weights)
+  dense = jax.jit(moe._dense)(t, top_experts, top_weights, weights)
+  assert relative_error(sparse, dense) <= MOE_TOLERANCE
 
 
 def test_auto_moe_is_dense_for_a_decode_step_and_sorted_for_a_batch():
