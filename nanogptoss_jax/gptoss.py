@@ -50,7 +50,8 @@ class GptOss(nnx.Module):
     in_order = positions is None  # then attention may skip key blocks that follow the queries
     if in_order:
       positions = default_positions(tokens)
-    rope = rope_tables(self.cfg, positions)  # shared by every layer
+    # Shared by every layer; with implied positions every row has the same table: [1, T, H/2].
+    rope = rope_tables(self.cfg, positions[:1] if in_order else positions)
     x = self.embedding(tokens)  # [B, T, D]
     new_cache, stats = [], []
     for layer, block in enumerate(self.blocks):
