@@ -295,12 +295,15 @@ def test_sorted_blocks_suffice_for_the_worst_routing():
 
 
 def test_auto_moe_is_dense_for_a_decode_step_and_sorted_for_a_batch():
-  # A batch-1 decode step of a 4-expert top-2 model: dense computes 4 rows, sorted pads 2
-  # assignments into blocks of MIN_BLOCK_ROWS; a train batch: dense computes 2x the rows.
+  # bench-201k's decode (4 experts, top-2): dense computes 4 rows and reads 4 experts' weights,
+  # sorted pads 2 assignments into 2 blocks of MIN_BLOCK_ROWS rows and copies 2 experts' weights.
   assert resolve_moe_impl("auto", tokens=1, num_experts=4, per_token=2) == "dense"
   assert resolve_moe_impl("auto", tokens=8, num_experts=4, per_token=2) == "dense"
+  # Top-1 (medium) and many experts (gpt-oss-20b): dense would read far more weights.
+  assert resolve_moe_impl("auto", tokens=1, num_experts=4, per_token=1) == "sorted"
+  assert resolve_moe_impl("auto", tokens=1, num_experts=32, per_token=4) == "sorted"
+  # A train batch: dense would compute twice the rows.
   assert resolve_moe_impl("auto", tokens=4096, num_experts=4, per_token=2) == "sorted"
-  assert resolve_moe_impl("auto", tokens=256, num_experts=4, per_token=1) == "sorted"
   assert resolve_moe_impl("ragged", tokens=1, num_experts=4, per_token=2) == "ragged"
 
 
