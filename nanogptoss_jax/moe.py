@@ -1,7 +1,7 @@
 """Mixture-of-experts MLP: router, top-k, SwiGLU experts, and three ways to reach the experts.
 
-`dense` runs every expert on every token (the test oracle, and `auto`'s choice for a handful of
-tokens such as a decode step). `sorted` groups the token-expert assignments by expert into
+`dense` runs every expert on every token (the test oracle, and `auto`'s choice for a decode
+step when that moves fewer weights). `sorted` groups the token-expert assignments by expert into
 fixed-size row blocks and runs one batched matmul over the blocks (`auto`'s choice for
 batches). `ragged` groups the same way and uses `jax.lax.ragged_dot`. The last two cost
 O(experts_per_token), not O(num_experts).
@@ -111,7 +111,7 @@ class MoE(nnx.Module):
     return out.reshape(batch, length, hidden).astype(x.dtype), stats
 
   def _dense(self, t, top_experts, top_weights, weights):
-    """Every expert on every token, combined with zero weight off the top-k (the oracle)."""
+    """Every expert on every token, combined with zero weight off the top-k."""
     w1, b1, w2, b2 = weights
     # Experts as a batch axis of both operands: each expert's [D, 2F] slice feeds a plain
     # matmul where it lies (contracting x with [E, D, 2F] directly transposes a weight copy).
@@ -128,7 +128,8 @@ class MoE(nnx.Module):
     w1, b1, w2, b2 = weights
     plan = block_plan(top_experts, self.cfg.num_experts)
     num_tokens, per_token = top_experts.shape
-    x = take_rows(t, plan.source, plan.row).reshape(-1, plan.rows_per_block, t.shape[1])  # [blocks, R, D]
+    x = take_rows(t, plan.source, plan.row)  # [blocks * R, D]
+    x = x.reshape(-1, plan.rows_per_block, t.shape[1])  # [blocks, R, D]
     e = plan.block_expert
     # One copy of an expert's weights per block (not per token) feeds a batched matmul.
     h = jnp.einsum("brd,bdf->brf", x, w1[e]) + b1[e][:, None]  # [blocks, R, 2F]
