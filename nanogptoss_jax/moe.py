@@ -127,7 +127,6 @@ class MoE(nnx.Module):
     """Assignments sorted by expert, padded into blocks of R rows, one batched matmul."""
     w1, b1, w2, b2 = weights
     plan = block_plan(top_experts, self.cfg.num_experts)
-    num_tokens, per_token = top_experts.shape
     x = take_rows(t, plan.source, plan.row)  # [blocks * R, D]
     x = x.reshape(-1, plan.rows_per_block, t.shape[1])  # [blocks, R, D]
     e = plan.block_expert
@@ -135,8 +134,7 @@ class MoE(nnx.Module):
     h = jnp.einsum("brd,bdf->brf", x, w1[e]) + b1[e][:, None]  # [blocks, R, 2F]
     y = jnp.einsum("brf,bfd->brd", swiglu(h, self.cfg.swiglu_limit), w2[e]) + b2[e][:, None]
     y = take_rows(y.reshape(plan.num_rows, -1), plan.row.reshape(-1), plan.assignment)  # [N * C, D]
-    return jnp.einsum("ncd,nc->nd", y.reshape(num_tokens, per_token, -1).astype(jnp.float32),
-                      top_weights)
+    return combine(y, top_weights)
 
   def _ragged(self, t, top_experts, top_weights, weights):
     """Assignments sorted by expert, grouped matmul with `jax.lax.ragged_dot`."""
@@ -185,9 +183,15 @@ def sort_assignments(top_experts: jax.Array):
 
 def combine_sorted(y: jax.Array, order: jax.Array, top_weights: jax.Array) -> jax.Array:
   """Un-sorts expert outputs [A, D] and sums each token's C outputs with its router weights."""
+  return combine(jnp.zeros_like(y).at[order].set(y), top_weights)
+
+
+def combine(y: jax.Array, top_weights: jax.Array) -> jax.Array:
+  """Expert outputs [N * C, D] in assignment order (token n's c-th at n * C + c) -> [N, D],
+  each token's C outputs summed with its router weights [N, C]."""
   num_tokens, per_token = top_weights.shape
-  unsorted = jnp.zeros_like(y).at[order].set(y).reshape(num_tokens, per_token, -1)  # [N, C, D]
-  return jnp.einsum("ncd,nc->nd", unsorted.astype(jnp.float32), top_weights)
+  y = y.reshape(num_tokens, per_token, -1).astype(jnp.float32)  # [N, C, D]
+  return jnp.einsum("ncd,nc->nd", y, top_weights)
 
 
 @dataclasses.dataclass(frozen=True)
