@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.layers import RMSNorm, dtype_of, normal_init, residual_init
+from nanogptoss_jax.layers import RMSNorm, dtype_of, linear, normal_init, residual_init
 from nanogptoss_jax.rope import apply_rope
 from flax import nnx
 
@@ -188,12 +188,12 @@ class Attention(nnx.Module):
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
     qkv_size = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    self.qkv = nnx.Linear(cfg.hidden_size, qkv_size, dtype=dtype, param_dtype=param_dtype,
+    self.qkv = linear(cfg.hidden_size, qkv_size, dtype=dtype, param_dtype=param_dtype,
                           kernel_init=normal_init(), rngs=rngs)
     # Sinks start at 0: one extra "key" scoring like an average key, which the model can raise
     # (heads that should rest) or push towards -inf (plain softmax).
     self.sinks = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype))
-    self.out = nnx.Linear(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size, dtype=dtype,
+    self.out = linear(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size, dtype=dtype,
                           param_dtype=param_dtype,
                           kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
 

@@ -6,7 +6,7 @@ from flax import nnx
 
 from nanogptoss_jax.attention import LayerCache, attend_with_cache, empty_cache
 from nanogptoss_jax.config import Gpt2Config
-from nanogptoss_jax.layers import dtype_of, normal_init, residual_init
+from nanogptoss_jax.layers import dtype_of, linear, normal_init, residual_init
 from nanogptoss_jax.model_output import ModelOutput, default_positions
 from nanogptoss_jax.unembedding import Unembedding
 
@@ -19,9 +19,9 @@ class Gpt2Attention(nnx.Module):
   def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
     self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    self.c_attn = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype=dtype,
+    self.c_attn = linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype=dtype,
                              param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
-    self.c_proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+    self.c_proj = linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                              kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
@@ -43,9 +43,9 @@ class Gpt2Mlp(nnx.Module):
 
   def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    self.c_fc = nnx.Linear(cfg.hidden_size, cfg.mlp_size, dtype=dtype, param_dtype=param_dtype,
+    self.c_fc = linear(cfg.hidden_size, cfg.mlp_size, dtype=dtype, param_dtype=param_dtype,
                            kernel_init=normal_init(), rngs=rngs)
-    self.c_proj = nnx.Linear(cfg.mlp_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+    self.c_proj = linear(cfg.mlp_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                              kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.layers import RMSNorm, dtype_of, normal_init, residual_init
+from nanogptoss_jax.layers import RMSNorm, dtype_of, linear, matmul, normal_init, residual_init
 
 SWIGLU_ALPHA = 1.702
 # Rows per block in the `sorted` dispatch: about a quarter of the average group, within bounds.
@@ -69,7 +69,7 @@ class MoE(nnx.Module):
     experts, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     self.norm = RMSNorm(hidden, param_dtype=cfg.param_dtype, rngs=rngs)
     # The router runs in float32 whatever the compute dtype: top-k on bf16 logits ties often.
-    self.gate = nnx.Linear(hidden, experts, dtype=jnp.float32, param_dtype=param_dtype,
+    self.gate = linear(hidden, experts, dtype=jnp.float32, param_dtype=param_dtype,
                            kernel_init=normal_init(), rngs=rngs)
     # Layouts are [E, in, out] (the reference stores [E, out, in]); mlp1's 2F output channels
     # interleave gate and linear units, as in the reference.
@@ -116,8 +116,8 @@ class MoE(nnx.Module):
     # Experts as a batch axis of both operands: each expert's [D, 2F] slice feeds a plain
     # matmul where it lies (contracting x with [E, D, 2F] directly transposes a weight copy).
     t = jnp.broadcast_to(t, (self.cfg.num_experts, *t.shape))  # [E, N, D]
-    h = jnp.einsum("end,edf->enf", t, w1) + b1[:, None]  # [E, N, 2F]
-    y = jnp.einsum("enf,efd->end", swiglu(h, self.cfg.swiglu_limit), w2) + b2[:, None]  # [E, N, D]
+    h = matmul(t, w1) + b1[:, None]  # [E, N, 2F]
+    y = matmul(swiglu(h, self.cfg.swiglu_limit), w2) + b2[:, None]  # [E, N, D]
     rows = jnp.arange(t.shape[1])[:, None]
     combine = jnp.zeros((t.shape[1], self.cfg.num_experts), jnp.float32)
     combine = combine.at[rows, top_experts].set(top_weights)  # [N, E]
@@ -131,8 +131,8 @@ class MoE(nnx.Module):
     x = x.reshape(-1, plan.rows_per_block, t.shape[1])  # [blocks, R, D]
     e = plan.block_expert
     # One copy of an expert's weights per block (not per token) feeds a batched matmul.
-    h = jnp.einsum("brd,bdf->brf", x, w1[e]) + b1[e][:, None]  # [blocks, R, 2F]
-    y = jnp.einsum("brf,bfd->brd", swiglu(h, self.cfg.swiglu_limit), w2[e]) + b2[e][:, None]
+    h = matmul(x, w1[e]) + b1[e][:, None]  # [blocks, R, 2F]
+    y = matmul(swiglu(h, self.cfg.swiglu_limit), w2[e]) + b2[e][:, None]  # [blocks, R, D]
     y = take_rows(y.reshape(plan.num_rows, -1), plan.row.reshape(-1), plan.assignment)  # [N * C, D]
     return combine(y, top_weights)
 
