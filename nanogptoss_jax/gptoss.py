@@ -9,7 +9,7 @@ from nanogptoss_jax.config import GptOssConfig
 from nanogptoss_jax.layers import RMSNorm, dtype_of, normal_init
 from nanogptoss_jax.model_output import ModelOutput, default_positions
 from nanogptoss_jax.moe import MoE
-from nanogptoss_jax.rope import rope_tables
+from nanogptoss_jax.rope import rope_tables, rope_tables_in_order
 from nanogptoss_jax.unembedding import Unembedding
 
 
@@ -51,7 +51,8 @@ class GptOss(nnx.Module):
     if in_order:
       positions = default_positions(tokens)
     # Shared by every layer; with implied positions every row has the same table: [1, T, H/2].
-    rope = rope_tables(self.cfg, positions[:1] if in_order else positions)
+    rope = (rope_tables_in_order(self.cfg, tokens.shape[1]) if in_order
+            else rope_tables(self.cfg, positions))
     x = self.embedding(tokens)  # [B, T, D]
     new_cache, stats = [], []
     for layer, block in enumerate(self.blocks):

