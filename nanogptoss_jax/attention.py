@@ -189,13 +189,13 @@ class Attention(nnx.Module):
     self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
     qkv_size = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     self.qkv = linear(cfg.hidden_size, qkv_size, dtype=dtype, param_dtype=param_dtype,
-                          kernel_init=normal_init(), rngs=rngs)
+                      kernel_init=normal_init(), rngs=rngs)
     # Sinks start at 0: one extra "key" scoring like an average key, which the model can raise
     # (heads that should rest) or push towards -inf (plain softmax).
     self.sinks = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype))
     self.out = linear(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size, dtype=dtype,
-                          param_dtype=param_dtype,
-                          kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
+                      param_dtype=param_dtype,
+                      kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                cache: LayerCache | None = None, *, in_order: bool = False

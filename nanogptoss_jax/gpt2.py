@@ -20,9 +20,9 @@ class Gpt2Attention(nnx.Module):
     self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     self.c_attn = linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype=dtype,
-                             param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
+                         param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
     self.c_proj = linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                             kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
+                         kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x, positions, cache=None, *, in_order=False):
@@ -44,9 +44,9 @@ class Gpt2Mlp(nnx.Module):
   def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     self.c_fc = linear(cfg.hidden_size, cfg.mlp_size, dtype=dtype, param_dtype=param_dtype,
-                           kernel_init=normal_init(), rngs=rngs)
+                       kernel_init=normal_init(), rngs=rngs)
     self.c_proj = linear(cfg.mlp_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                             kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
+                         kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x):

@@ -70,7 +70,7 @@ class MoE(nnx.Module):
     self.norm = RMSNorm(hidden, param_dtype=cfg.param_dtype, rngs=rngs)
     # The router runs in float32 whatever the compute dtype: top-k on bf16 logits ties often.
     self.gate = linear(hidden, experts, dtype=jnp.float32, param_dtype=param_dtype,
-                           kernel_init=normal_init(), rngs=rngs)
+                       kernel_init=normal_init(), rngs=rngs)
     # Layouts are [E, in, out] (the reference stores [E, out, in]); mlp1's 2F output channels
     # interleave gate and linear units, as in the reference.
     self.mlp1_weight = nnx.Param(normal_init()(rngs.params(), (experts, hidden, 2 * inter), param_dtype))
