@@ -1,4 +1,4 @@
-"""Nano GPT-OSS vs its GPT-2 twin, 3 seeds each: about 30 minutes on a 2-core CPU.
+"""Nano GPT-OSS vs its GPT-2 twin, 3 seeds each: about 20 minutes on a 2-core CPU.
 
     python compare.py --config configs/compare_nano.py --run.data.path=/path/to/tinystories/hf
 """
@@ -7,8 +7,8 @@ from pathlib import Path
 
 from nanogptoss_jax.compare import CompareConfig
 
-# Six runs share the half hour: 150 steps of 16 x 256 tokens (about 0.6M tokens) each, at roughly
-# a second per step for either model on 2 idle cores, plus ~30 s per run of startup and evals.
+# Six runs of 150 steps of 16 x 256 tokens (about 0.6M tokens) each, at roughly a second per step
+# for either model on 2 idle cores, plus ~30 s per run of startup and evals (19 min 19 s in all).
 NANO_OVERRIDES = ("train.steps=150", "train.eval_every=30", "optim.warmup_steps=15")
 
 

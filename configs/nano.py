@@ -1,4 +1,4 @@
-"""Nano GPT-OSS: small enough to train on a 2-core CPU in about ten minutes on TinyStories."""
+"""Nano GPT-OSS: small enough to train on a 2-core CPU in about seven minutes on TinyStories."""
 
 from nanogptoss_jax.config import GptOssConfig
 from nanogptoss_jax.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
@@ -8,11 +8,16 @@ VOCAB_SIZE = 4096
 
 
 def get_config() -> RunConfig:
-  """The nano run; sizes and step counts are first guesses, to be tuned with real timings."""
+  """The nano run: bench_201k's layer shapes with the compact vocabulary.
+
+  Width 256 rather than 128: on a 2-core CPU a width-128 model runs its matmuls at ~45% of the
+  peak, so 400 steps at width 256 (~7 min) reach a lower validation loss than 600 steps at
+  width 128 (~5 min): 3.28 vs 3.32 nats/token on the local TinyStories sample.
+  """
   model = GptOssConfig(
       num_hidden_layers=4,
-      hidden_size=128,
-      head_dim=32,
+      hidden_size=256,
+      head_dim=64,
       num_attention_heads=4,
       num_key_value_heads=2,
       num_experts=4,
@@ -27,7 +32,7 @@ def get_config() -> RunConfig:
       model=model,
       data=DataConfig(path="roneneldan/TinyStories", compact_vocab_size=VOCAB_SIZE),
       optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50),
-      train=TrainConfig(steps=600, batch_size=16, context_len=256, eval_every=100,
+      train=TrainConfig(steps=400, batch_size=16, context_len=256, eval_every=100,
                         ckpt_every=200),
       run_dir="runs/nano",
   )
