@@ -41,6 +41,12 @@ class RMSNorm(nnx.Module):
     return (t * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def transposed(x: jax.Array) -> jax.Array:
+  """x with its last two axes swapped, as a real array for a matmul to read: behind
+  `optimization_barrier`, XLA cannot fold the transpose back into the product."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
 # A matmul whose backward pass hands XLA plain [.., M, K] x [K, N] products. Autodiff's input
 # gradient, dy @ w^T, contracts the minor axis of both operands as they lie, and XLA's CPU
 # matmul runs that at about half speed: nano's MoE input gradients took 18 ms each against 9
@@ -56,12 +62,6 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _matmul_forward(x, w):
   return matmul(x, w), (x, w)
-
-
-def transposed(x: jax.Array) -> jax.Array:
-  """x with its last two axes swapped, as a real array for a matmul to read: behind
-  `optimization_barrier`, XLA cannot fold the transpose back into the product."""
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
 def _matmul_backward(residuals, dy):
@@ -81,9 +81,11 @@ matmul.defvjp(_matmul_forward, _matmul_backward)
 def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                        out_sharding=None):
   """`nnx.Linear(..., dot_general=linear_dot_general)`: its product through `matmul`."""
-  del precision, out_sharding  # defaults only (checked below)
   if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
     raise ValueError(f"linear_dot_general serves nnx.Linear only, got {dimension_numbers}")
+  if precision is not None or out_sharding is not None:  # `matmul` would silently drop them
+    raise ValueError(f"linear_dot_general takes the default precision and out_sharding only, got "
+                     f"precision={precision!r}, out_sharding={out_sharding!r}")
   out = matmul(lhs, rhs)
   return out if preferred_element_type is None else out.astype(preferred_element_type)
 

@@ -26,7 +26,8 @@ def _check_grads(ours, theirs, *args):
   loss = lambda f: lambda *a: jnp.sum(f(*a) * upstream)
   argnums = tuple(range(len(args)))
   np.testing.assert_allclose(ours(*args), theirs(*args), rtol=1e-6, atol=1e-6)
-  for got, want in zip(jax.grad(loss(ours), argnums)(*args), jax.grad(loss(theirs), argnums)(*args)):
+  grads = [jax.grad(loss(f), argnums)(*args) for f in (ours, theirs)]
+  for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -58,3 +59,9 @@ def test_linear_matches_plain_nnx_linear():
       nnx.graphdef(layer), nnx.State({"kernel": kernel, "bias": bias}))(x)
   state = nnx.state(plain)
   _check_grads(apply(ours), apply(plain), state["kernel"][...], state["bias"][...], x)
+
+
+def test_linear_refuses_settings_matmul_would_drop():
+  layer = linear(6, 7, precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="default precision and out_sharding only"):
+    layer(_arrays([(2, 6)])[0])
