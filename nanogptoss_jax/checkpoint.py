@@ -6,12 +6,15 @@ complete, so a crash mid-save leaves nothing that looks like a checkpoint.
 """
 
 import logging
+import math
 import pathlib
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from nanogptoss_jax.config_cli import config_from_dict, config_to_dict
 from nanogptoss_jax.models import abstract_model, build_model
@@ -22,6 +25,7 @@ from nanogptoss_jax.train_step import init_train_state, split_model
 
 ITEMS = ("state", "data", "meta")
 PERIODIC_DIR, BEST_DIR = "checkpoints", "best"
+UNREADABLE_DIR = "unreadable"  # where a resume moves the periodic steps it could not read
 
 
 class CheckpointError(RuntimeError):
@@ -60,7 +64,7 @@ class RunCheckpoints:
   """Periodic and best-validation checkpoint managers for one run directory."""
 
   def __init__(self, run_dir: str | pathlib.Path, keep: int = 3):
-    root = pathlib.Path(run_dir).absolute()
+    root = self.root = pathlib.Path(run_dir).absolute()
     options = dict(create=True, enable_async_checkpointing=True)
     # Orbax names its cross-process barriers after the step, so with several processes the two
     # managers saving the same step would join each other's barriers ("already ongoing") and
@@ -93,6 +97,39 @@ class RunCheckpoints:
 
   def latest_step(self) -> int | None:
     return self.periodic.latest_step()
+
+  def best_val_loss(self) -> float:
+    """The validation loss the best checkpoint was saved with (inf when there is none)."""
+    if not self.best.all_steps():
+      return math.inf
+    try:
+      _, _, _, meta = restore(self.best, None, meta_only=True)
+    except CheckpointError:
+      return math.inf
+    return meta["metrics"].get("val_loss", math.inf)
+
+  def set_aside_newer_than(self, step: int) -> None:
+    """Moves the periodic steps after `step` (those a resume could not read) to unreadable/.
+
+    Left in place, the newest would still count as the latest step, and the resumed run would
+    skip saving when it reaches that step again. Moved, they are kept for the user to inspect.
+    """
+    newer = [s for s in self.periodic.all_steps() if s > step]
+    if not newer:
+      return
+    if jax.process_index() == 0:
+      for newer_step in newer:
+        source = self.root / PERIODIC_DIR / str(newer_step)
+        target = self.root / UNREADABLE_DIR / f"{PERIODIC_DIR}-{newer_step}"
+        suffix = 1
+        while target.exists():  # an earlier resume may have set aside the same step
+          target, suffix = target.with_name(f"{PERIODIC_DIR}-{newer_step}.{suffix}"), suffix + 1
+        target.parent.mkdir(exist_ok=True)
+        shutil.move(source, target)
+        logging.warning("moved unreadable checkpoint %s to %s", source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("nanogptoss_jax:set_aside_unreadable")
+    self.periodic.reload()
 
 
 def _first_local_device() -> jax.sharding.Sharding:

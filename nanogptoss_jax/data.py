@@ -167,7 +167,8 @@ def _resolve_source(cfg: DataConfig, split: str) -> _Source:
     identity = {**common, "hub": path, "column": cfg.text_column}
     return _Source("hub", path, identity, path.replace("/", "_"))
   else:
-    raise DataUnavailableError(f"data path {path} does not exist")
+    raise DataUnavailableError(f"data path {path} does not exist and is not a Hugging Face "
+                               f"dataset id (owner/name); use {LOCAL_PATH_HINT}")
   identity = {**common, "txt": _file_stat(txt_file)}
   return _Source("txt", txt_file, identity, os.path.splitext(os.path.basename(txt_file))[0])
 

@@ -10,11 +10,13 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from nanogptoss_jax import checkpoint as ckpt
 from nanogptoss_jax import sharding
+from nanogptoss_jax.config import ConfigError
 from nanogptoss_jax.config_cli import config_to_dict, validate_run_config
 from nanogptoss_jax.data import make_train_iterator, prepare_data, val_windows
 from nanogptoss_jax.optim import lr_schedule
@@ -33,14 +35,19 @@ class TrainingDivergedError(RuntimeError):
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag so the loop can save and exit between steps."""
+  """Turns SIGTERM/SIGINT into a flag so the loop can save and exit between steps.
 
-  def __init__(self):
+  With several processes SIGTERM is left to JAX's preemption service (see `Trainer.run`): a
+  process that stopped on its own would leave the others waiting in the next step's collectives.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.requested = False
+    self._signals = signals
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in self._signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -82,6 +89,17 @@ class MetricsLog:
         if isinstance(value, (int, float)) and key != "step":
           self.writer.add_scalar(key, value, row["step"])
 
+  def set_aside(self) -> None:
+    """Renames an existing metrics file (of an earlier, unresumable attempt) out of the way."""
+    if not self.path.exists():
+      return
+    number = 1
+    while (target := self.path.with_name(f"{self.path.stem}.previous-{number}.jsonl")).exists():
+      number += 1
+    self.path.rename(target)
+    logging.warning("a new run starts in %s: its old %s was renamed %s", self.path.parent,
+                    self.path.name, target.name)
+
   def truncate_after(self, step: int) -> None:
     """Drops rows past `step` (written after the checkpoint a resume starts from)."""
     if self.enabled and self.path.exists():
@@ -90,13 +108,23 @@ class MetricsLog:
       self.path.write_text("".join(line + "\n" for line in rows))
 
 
+# Settings a resume must keep: `data` and `model` shape the stream and the state, and these
+# train settings fix where the saved data position points (it counts batches of one size, over
+# windows cut at one length, in one seed's shuffle order). The optimizer and the step count may
+# change (e.g. a lower learning rate after a divergence).
+RESUME_TRAIN_KEYS = ("seed", "batch_size", "context_len")
+
+
 def _check_compatible(cfg: RunConfig, saved: dict, run_dir: pathlib.Path) -> None:
   current = config_to_dict(cfg)
-  for section in ("model", "data"):
-    if saved[section] != current[section]:
-      raise ValueError(
+  pairs = [(section, saved[section], current[section]) for section in ("model", "data")]
+  pairs.append(("train", {key: saved["train"][key] for key in RESUME_TRAIN_KEYS},
+                {key: current["train"][key] for key in RESUME_TRAIN_KEYS}))
+  for section, before, now in pairs:
+    if before != now:
+      raise ConfigError(
           f"{run_dir} holds a run with a different {section} config, so it cannot be resumed "
-          f"with this one.\n  saved:   {saved[section]}\n  current: {current[section]}\n"
+          f"with this one.\n  saved:   {before}\n  current: {now}\n"
           f"Use another --config.run_dir, or move that directory away (nothing was deleted).")
 
 
@@ -121,8 +149,21 @@ class Trainer:
     self.graphdef, abstract_state, tx = ckpt.abstract_train_state(cfg)
     self.state_shardings = sharding.state_shardings(self.mesh, abstract_state)
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+    if micro_batch % self.mesh.size:
+      raise ConfigError(
+          f"a micro-batch of train.batch_size={cfg.train.batch_size} / train.grad_accum="
+          f"{cfg.train.grad_accum} = {micro_batch} rows cannot be split evenly over "
+          f"{self.mesh.size} devices; make it a multiple of {self.mesh.size}")
+    self.val_data = val_windows(self.val_stream, cfg.train.context_len, cfg.data.val_windows)
+    if len(self.val_data) < micro_batch:
+      raise ConfigError(
+          f"evaluation needs at least one batch of {micro_batch} validation windows of "
+          f"train.context_len={cfg.train.context_len} tokens, but there are only "
+          f"{len(self.val_data)} (data.val_windows={cfg.data.val_windows}, capped by the "
+          f"validation split's size); raise --config.data.val_windows or lower "
+          f"--config.train.batch_size")
     # One MoE dispatch group per batch shard keeps expert routing device-local.
-    self.moe_groups = self.mesh.size if micro_batch % self.mesh.size == 0 else 1
+    self.moe_groups = self.mesh.size
     self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))  # [accum, B, T+1]
     self.eval_sharding = sharding.batch_sharding(self.mesh)
     self.train_step = jax.jit(
@@ -142,13 +183,18 @@ class Trainer:
           self.checkpoints.periodic, self._with_shardings(abstract_state))
       self.state = state
       self.data_iter.set_state(data_state)
-      self.best_val = meta["metrics"].get("best_val_loss", math.inf)
+      self.checkpoints.set_aside_newer_than(step)
+      # After falling back past an unreadable step, the best checkpoint may be newer (and
+      # better) than the step resumed from: a worse validation loss must not replace it.
+      self.best_val = min(meta["metrics"].get("best_val_loss", math.inf),
+                          self.checkpoints.best_val_loss())
       self.log.truncate_after(step)
       logging.info("resumed %s at step %d", self.run_dir, step)
     else:
+      if self.is_main:
+        self.log.set_aside()  # a run that crashed before its first checkpoint left rows there
       init = lambda: init_train_state(build_model(cfg.model, cfg.train.seed), tx)
       self.state = jax.jit(init, out_shardings=self.state_shardings)()
-    self.val_data = val_windows(self.val_stream, cfg.train.context_len, cfg.data.val_windows)
     self.lr_schedule = lr_schedule(cfg.optim, cfg.train.steps)
     self._recent_losses, self._tokens_per_s = [], 0.0
     self._reset_clock()
@@ -184,10 +230,8 @@ class Trainer:
   def evaluate(self) -> dict:
     """Validation loss (nats/token) and bits-per-byte over the fixed validation windows."""
     batch_size = self.cfg.train.batch_size // self.cfg.train.grad_accum
-    count = len(self.val_data) // batch_size * batch_size  # whole batches: one compiled shape
-    if count == 0:
-      raise ValueError(f"validation split has {len(self.val_data)} windows, fewer than one batch "
-                       f"of {batch_size}; lower train.batch_size or train.context_len")
+    # Whole batches only, so one shape compiles (__init__ checked there is at least one).
+    count = len(self.val_data) // batch_size * batch_size
     total = 0.0
     per_process = batch_size // jax.process_count()
     for start in range(0, count, batch_size):
@@ -222,7 +266,8 @@ class Trainer:
     self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                     disable=not (self.progress and self.is_main))
     last, pending = {}, None  # pending: (step, device metrics), fetched after the next dispatch
-    with _StopRequest() as stop:
+    multiprocess = jax.process_count() > 1
+    with _StopRequest((signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)) as stop:
       while self.step < until and not stop.requested:
         first = pending is None and not last
         self.state, metrics = self.train_step(self.state, self._next_batch())
@@ -231,6 +276,10 @@ class Trainer:
         if pending:
           last = self._record(*pending)
         pending, step = (self.step, metrics), self.step
+        # SIGTERM to any process (JAX's preemption service listens for it) stops every process
+        # at the same step, the first one all of them reach after the notice.
+        if multiprocess and multihost_utils.reached_preemption_sync_point(step):
+          stop.requested = True
         at_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if at_eval or step % cfg.ckpt_every == 0 or step == until or stop.requested:
           # Only a state whose loss was seen finite is evaluated or saved.

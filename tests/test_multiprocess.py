@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def _loss_rows(run_dir: Path) -> list[dict]:
   return [row for row in rows if "loss" in row]
 
 
-def _launch(run_dir: Path, cache_dir: Path, logs: Path) -> list[subprocess.Popen]:
+def _launch(run_dir: Path, cache_dir: Path, logs: Path, *overrides: str) -> list[subprocess.Popen]:
   port = _free_loopback_port()
   base_env = {name: value for name, value in os.environ.items()
               if "proxy" not in name.lower()}  # JAX warns that proxies may hang the handshake
@@ -74,7 +75,7 @@ def _launch(run_dir: Path, cache_dir: Path, logs: Path) -> list[subprocess.Popen
     # fsdp=2 over one device per process: parameters and optimiser state are split across the
     # processes, as is every batch, so each step all-gathers and reduces through gloo.
     cmd = _train_command(run_dir, cache_dir, f"train.steps={STEPS}", f"train.eval_every={STEPS}",
-                         f"train.ckpt_every={STEPS}", "train.fsdp=2")
+                         f"train.ckpt_every={STEPS}", "train.fsdp=2", *overrides)
     with open(logs / f"process{index}.log", "w") as log:
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
   return procs
@@ -144,3 +145,35 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
   # by up to lr per step; 1e-4 is far below the ~2e-2 weight scale a misplaced shard would show.
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(wanted)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-4)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path, cache_dir):
+  """A preemption notice reaching one process (as SLURM may deliver it) stops every process at
+  the same step, after saving it: none is left waiting in a collective."""
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  run_dir = tmp_path / "run"
+  # Many steps, rare checkpoints and evals: only the stop itself saves.
+  procs = _launch(run_dir, cache_dir, logs, "train.steps=100000", "train.ckpt_every=100000",
+                  "train.eval_every=100000", "train.log_every=1")
+  deadline = time.time() + CHILD_DEADLINE_S
+  try:
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+      assert all(proc.poll() is None for proc in procs), _tails(logs)
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = _wait_all(procs, deadline)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert codes == [0] * PROCESSES, f"exit codes {codes}\n{_tails(logs)}"
+  checkpoints = ckpt.RunCheckpoints(run_dir)
+  saved = checkpoints.latest_step()
+  checkpoints.close()
+  assert saved is not None and saved >= 3, _tails(logs)
+  # Both processes stopped after the same step: the one process 0 logged last.
+  assert _loss_rows(run_dir)[-1]["step"] == saved

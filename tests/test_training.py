@@ -97,17 +97,37 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monke
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, cache_dir):
-  cfg = tiny_run(tmp_path / "run", cache_dir, steps=8, ckpt_every=4, eval_every=100)
+  cfg = tiny_run(tmp_path / "run", cache_dir, steps=8, ckpt_every=4, eval_every=4)
   train(cfg, progress=False)
-  latest = tmp_path / "run" / "checkpoints" / "8" / "state"
-  for path in latest.rglob("*"):
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  best_val = min(row["val_loss"] for row in rows if "val_loss" in row)
+  latest = tmp_path / "run" / "checkpoints" / "8"
+  for path in (latest / "state").rglob("*"):
     if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
       path.write_bytes(b"\0garbage")
   trainer = Trainer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=12)),
                     progress=False)
   assert trainer.step == 4  # step 8 unreadable: resumed from the one before
+  # Kept, but out of the way: step 8 is no longer the latest, and can be saved again.
+  assert not latest.exists() and (tmp_path / "run" / "unreadable" / "checkpoints-8").is_dir()
+  assert trainer.checkpoints.latest_step() == 4
+  # The best checkpoint (from step 4 or 8) still sets the bar for replacing it.
+  assert trainer.best_val == best_val
+  trainer.run()
   trainer.close()
-  assert latest.exists()  # never deleted
+  assert ckpt.RunCheckpoints(tmp_path / "run").periodic.all_steps() == [4, 8, 12]
+  ckpt.load_checkpoint(tmp_path / "run")  # every step readable again
+
+
+def test_fresh_run_sets_old_metrics_aside(tmp_path, cache_dir):
+  """Rows of an attempt that crashed before its first checkpoint must not mix into a new run."""
+  (tmp_path / "run").mkdir()
+  old_rows = json.dumps({"step": 1, "tokens": 0, "loss": 99.0}) + "\n"
+  (tmp_path / "run" / "metrics.jsonl").write_text(old_rows)
+  train(tiny_run(tmp_path / "run", cache_dir, steps=2, eval_every=2, ckpt_every=2), progress=False)
+  assert sorted(step_losses(tmp_path / "run")) == [1, 2]
+  assert 99.0 not in step_losses(tmp_path / "run").values()
+  assert (tmp_path / "run" / "metrics.previous-1.jsonl").read_text() == old_rows
 
 
 def test_gpt2_run_checkpoints_load_and_resume(tmp_path, cache_dir):
@@ -123,12 +143,32 @@ def test_gpt2_run_checkpoints_load_and_resume(tmp_path, cache_dir):
   assert sorted(step_losses(tmp_path / "run")) == [1, 2, 3, 4]
 
 
-def test_resume_refuses_a_different_model(tmp_path, cache_dir):
+def test_resume_refuses_a_different_model_or_data_position(tmp_path, cache_dir):
   cfg = tiny_run(tmp_path / "run", cache_dir, steps=4)
   train(cfg, progress=False)
   other = dataclasses.replace(cfg, model=cfg.model.replace(hidden_size=64))
   with pytest.raises(ValueError, match="different model config"):
     Trainer(other, progress=False)
+  # The saved data position counts batches of one size in one seed's order.
+  for change in ({"batch_size": 16}, {"seed": 7}, {"context_len": 16}):
+    with pytest.raises(ValueError, match="different train config"):
+      Trainer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **change)),
+              progress=False)
+  # A new learning rate and more steps resume (what the divergence message advises).
+  trainer = Trainer(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3),
+                                        train=dataclasses.replace(cfg.train, steps=8)),
+                    progress=False)
+  assert trainer.step == 4
+  trainer.close()
+
+
+def test_too_few_validation_windows_fail_before_training(tmp_path, cache_dir):
+  cfg = tiny_run(tmp_path / "run", cache_dir)
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_windows=4))
+  with pytest.raises(ValueError, match=r"only 4 \(data.val_windows=4"):
+    Trainer(cfg, progress=False)
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+      (tmp_path / "run" / "checkpoints").iterdir())
 
 
 def _train_command(run_dir: Path, cache_dir: Path, *overrides: str) -> list[str]:
@@ -167,3 +207,13 @@ def test_eight_devices_match_one_device(tmp_path, cache_dir):
   assert sorted(expected) == sorted(sharded)
   np.testing.assert_allclose([sharded[s] for s in sorted(sharded)],
                              [expected[s] for s in sorted(expected)], rtol=2e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, cache_dir):
+  env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                      "JAX_PLATFORMS": "cpu"}
+  cmd = _train_command(tmp_path / "run", cache_dir, "train.batch_size=3")
+  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0
+  assert "micro-batch of train.batch_size=3 / train.grad_accum=1 = 3 rows cannot be split " \
+         "evenly over 2 devices" in result.stderr
