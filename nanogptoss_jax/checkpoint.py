@@ -201,4 +201,7 @@ def load_checkpoint(run_dir: str | pathlib.Path):
   cfg, tokenizer = read_meta(meta)
   graphdef, abstract_state, _ = abstract_train_state(cfg)
   _, state, _, _ = restore(manager, abstract_state)
-  return nnx.merge(graphdef, state.params, state.rest), tokenizer
+  model = nnx.merge(graphdef, state.params, state.rest)
+  # generate()'s default stop ids: a compact vocabulary numbers <|endoftext|> differently.
+  model.stop_tokens = tuple(tokenizer.stop_ids)
+  return model, tokenizer

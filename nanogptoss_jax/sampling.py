@@ -23,11 +23,9 @@ from flax import nnx
 
 from nanogptoss_jax.attention import LayerCache
 
-# GPT-OSS has no learned position table, but it was trained for (and YaRN stretches RoPE to)
-# 131,072 positions; we refuse to sample past that. GPT-2 stops at max_position_embeddings.
-MAX_POSITIONS = 131072
 MIN_PROMPT_BUCKET = 16  # prefill lengths are powers of two from here, so few shapes compile
 CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up to this
+OUTPUT_LENGTH_MULTIPLE = 64  # and the output buffer: max_new_tokens=100 or 101 compile once
 STREAM_CHUNK_TOKENS = 8  # tokens per jitted call when streaming (the first call draws one)
 # o200k_harmony's <|endoftext|> and <|return|>; used when they fit in the model's vocabulary.
 DEFAULT_STOP_TOKENS = (199999, 200002)
@@ -118,8 +116,9 @@ def _nucleus(logits: jax.Array, top_p) -> jax.Array:
   probs = jnp.exp(values - jax.nn.logsumexp(logits, axis=-1, keepdims=True))  # of the full V
   count = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1)  # [B], >= 1
   boundary = jnp.take_along_axis(values, count[:, None] - 1, axis=-1)  # [B, 1]
-  # count == C means the nucleus may go on past the candidates (unless they are all of V).
-  found = jnp.all(count < candidates) | (candidates == logits.shape[-1])
+  # count == C means the nucleus may go on past the candidates (unless they are all of V, or
+  # top_p = 1 keeps everything anyway: no bisection over V for that common "off" value).
+  found = jnp.all(count < candidates) | (candidates == logits.shape[-1]) | (top_p >= 1)
   boundary = jax.lax.cond(found, lambda: boundary, lambda: _bisect_boundary(logits, top_p))
   # top_p = 1 keeps everything, also any tail after a cumulative sum that rounded up to 1.
   return jnp.where((logits >= boundary) | (top_p >= 1), logits, -jnp.inf)
@@ -189,9 +188,13 @@ def sample_tokens(logits: jax.Array, key: jax.Array, settings: SamplerSettings,
   """One token per row of logits [B, V] -> [B] int32."""
   if settings.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # Shifted so the largest logit is 0: a tiny temperature then sends the others to -inf (a
+  # greedy draw) instead of overflowing to inf, and inf - inf = NaN, in the softmax. The floor
+  # keeps a temperature that rounds to 0 in float32 from making the largest 0 / 0.
+  scaled = ((logits - jnp.max(logits, axis=-1, keepdims=True))
+            / jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny))
   # With top_k only the k candidates are filtered and drawn from, never a V-sized array again.
-  values, indices = _candidates(logits / temperature, settings.top_k,
-                                top_p if settings.use_top_p else None)
+  values, indices = _candidates(scaled, settings.top_k, top_p if settings.use_top_p else None)
   choice = draw(key, values)  # [B]
   if indices is None:
     return choice
@@ -202,6 +205,7 @@ def _prefill(graphdef, params, tokens, positions, *, cache_length):
   """Writes the prompts (all but each row's last token) into a fresh cache."""
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(graphdef, params)
+  model.eval()  # no dropout while sampling
   cache = model.init_cache(tokens.shape[0], cache_length)
   # Only the cache is returned, so XLA drops the unembedding (the biggest matmul) as dead code.
   return model.forward(tokens, positions, cache).cache
@@ -212,6 +216,7 @@ def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, sto
   """Feeds the last token and draws the next, until step == limit or every row stopped."""
   TRACE_COUNTS["decode"] += 1
   model = nnx.merge(graphdef, params)
+  model.eval()
 
   def keep_going(state):
     return (state.step < limit) & ~jnp.all(state.done)
@@ -248,13 +253,23 @@ def prompt_bucket(length: int) -> int:
 
 
 def max_positions(cfg) -> int:
-  """Longest sequence (prompt + new tokens) the model may hold."""
-  return getattr(cfg, "max_position_embeddings", MAX_POSITIONS)
+  """Longest sequence (prompt + new tokens) the model may hold.
+
+  GPT-2: its learned position table. GPT-OSS has none, but RoPE is meant for the context it
+  was configured for, stretched by YaRN's factor (gpt-oss: 4,096 x 32 = 131,072).
+  """
+  if hasattr(cfg, "max_position_embeddings"):
+    return cfg.max_position_embeddings
+  return int(cfg.initial_context_length * cfg.rope_scaling_factor)
 
 
 def default_stop_tokens(vocab_size: int) -> tuple[int, ...]:
   """<|endoftext|> and <|return|> when the vocabulary is o200k_harmony-sized, else none."""
   return tuple(token for token in DEFAULT_STOP_TOKENS if token < vocab_size)
+
+
+def _is_integer(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_arguments(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens):
@@ -271,21 +286,25 @@ def _check_arguments(cfg, prompts, max_new_tokens, temperature, top_k, top_p, st
     if ids.min() < 0 or ids.max() >= vocab:
       raise ValueError(f"prompt {row} has token ids outside [0, {vocab}): "
                        f"min {ids.min()}, max {ids.max()}")
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+  if not _is_integer(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
   longest = max(len(prompt) for prompt in prompts)
   limit = max_positions(cfg)
   if longest + max_new_tokens > limit:
     raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = "
                      f"{longest + max_new_tokens} exceeds the {limit} positions this model "
-                     "supports (max_position_embeddings for GPT-2, MAX_POSITIONS for GPT-OSS)")
+                     "supports (GPT-2: max_position_embeddings; GPT-OSS: initial_context_length "
+                     "x rope_scaling_factor)")
   if not temperature >= 0:  # also refuses NaN
     raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-  if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+  if top_k is not None and (not _is_integer(top_k) or top_k < 1):
     raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
   if top_p is not None and not 0 < top_p <= 1:
     raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
   if stop_tokens is not None:
+    if (not isinstance(stop_tokens, (list, tuple, np.ndarray))
+        or not all(map(_is_integer, stop_tokens))):
+      raise ValueError(f"stop_tokens must be None or a list of token ids, got {stop_tokens!r}")
     bad = [token for token in stop_tokens if not 0 <= token < vocab]
     if bad:
       raise ValueError(f"stop_tokens must lie in [0, {vocab}), got {bad}")
@@ -308,14 +327,16 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   """New tokens for each prompt, ending before its first stop token (which is not returned).
 
   temperature 0 is greedy; otherwise logits / temperature, then top_k, then top_p, then a draw
-  with key fold_in(key(seed), step). stop_tokens defaults to <|endoftext|> and <|return|> when
-  they fit the vocabulary. `callback`, if given, gets each step's token per row, None for a row
+  with key fold_in(key(seed), step). stop_tokens defaults to the model's `stop_tokens` attribute
+  (`load_checkpoint` sets it from the checkpoint's tokenizer, whose vocabulary may be compact),
+  else to <|endoftext|> and <|return|> when they fit the vocabulary. `callback`, if given, gets each step's token per row, None for a row
   that already stopped or is stopping (the stop token itself is never reported).
   """
   cfg = model.cfg
   _check_arguments(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)
-  stop = tuple(int(t) for t in (default_stop_tokens(cfg.vocab_size) if stop_tokens is None
-                                else stop_tokens))
+  if stop_tokens is None:
+    stop_tokens = getattr(model, "stop_tokens", None) or default_stop_tokens(cfg.vocab_size)
+  stop = tuple(int(t) for t in stop_tokens)
   settings = SamplerSettings(greedy=temperature == 0, top_k=None if top_k is None else int(top_k),
                              use_top_p=top_p is not None and temperature != 0)
   batch = len(prompts)
@@ -335,7 +356,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   state = DecodeState(
       cache=cache, token=jnp.asarray([prompt[-1] for prompt in prompts], jnp.int32),
       position=jnp.asarray(lengths - 1, jnp.int32), done=jnp.zeros((batch,), bool),
-      step=jnp.zeros((), jnp.int32), output=jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+      output=jnp.full((batch, _round_up(max_new_tokens, OUTPUT_LENGTH_MULTIPLE)), NO_TOKEN,
+                      jnp.int32),
       key=jax.random.key(seed))
   # Sampler values are traced, so changing them (or which ids stop) compiles nothing new.
   decode = partial(_decode_jit, graphdef, params, settings=settings)

@@ -152,7 +152,35 @@ def test_no_retrace_within_a_bucket(gptoss):
   # Other prompt lengths (same bucket), stop ids and streaming reuse the compiled functions.
   generate(gptoss, [[4, 5], list(range(1, 17))], NEW_TOKENS, temperature=0, stop_tokens=[3])
   generate(gptoss, [[7] * 9, [1]], NEW_TOKENS, temperature=0, callback=lambda _: None)
+  # So do other token counts: the output buffer and the cache are rounded up.
+  generate(gptoss, PROMPTS, NEW_TOKENS + 1, temperature=0)
   assert dict(sampling.TRACE_COUNTS) == before
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-50])  # subnormal; rounds to 0 in float32
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_tiny_temperature_is_greedy_not_nan(gptoss, temperature, top_k):
+  greedy = generate(gptoss, PROMPTS, NEW_TOKENS, temperature=0, stop_tokens=[])
+  assert generate(gptoss, PROMPTS, NEW_TOKENS, temperature=temperature, top_k=top_k,
+                  stop_tokens=[]) == greedy
+
+
+def test_default_stop_tokens_come_from_the_model(gptoss):
+  """load_checkpoint records the tokenizer's stop ids on the model (a compact vocabulary
+  numbers <|endoftext|> differently); generate stops at them by default."""
+  greedy = generate(gptoss, PROMPTS[:1], NEW_TOKENS, temperature=0, stop_tokens=[])[0]
+  model = GptOss(gptoss.cfg, rngs=nnx.Rngs(0))  # the fixture's weights, with stop ids
+  model.stop_tokens = (greedy[3],)
+  assert generate(model, PROMPTS[:1], NEW_TOKENS, temperature=0) == [greedy[:greedy.index(greedy[3])]]
+
+
+def test_generate_turns_dropout_off():
+  cfg = Gpt2Config(num_hidden_layers=2, vocab_size=VOCAB, hidden_size=32, num_attention_heads=4,
+                   max_position_embeddings=64, dropout=0.5)
+  model = Gpt2(cfg, rngs=nnx.Rngs(0))  # in training mode
+  tokens = generate(model, PROMPTS, NEW_TOKENS, temperature=0, stop_tokens=[])
+  model.eval()
+  assert tokens == argmax_recompute(model, PROMPTS, NEW_TOKENS)
 
 
 def test_filter_logits_top_k_keeps_exactly_the_k_largest():
@@ -243,6 +271,10 @@ def test_draw_over_many_blocks_matches_softmax():
     ([[1]], {"top_p": 0.0}, "top_p"),
     ([[1]], {"top_p": 1.5}, "top_p"),
     ([[1]], {"stop_tokens": [VOCAB]}, "stop_tokens"),
+    ([[1]], {"stop_tokens": 5}, "stop_tokens must be None or a list"),
+    ([[1]], {"stop_tokens": [1.7]}, "stop_tokens must be None or a list"),
+    ([[1]], {"max_new_tokens": True}, "max_new_tokens"),
+    ([[1]], {"top_k": True}, "top_k"),
 ])
 def test_bad_arguments_raise(gptoss, prompts, kwargs, match):
   kwargs = {"max_new_tokens": 4, **kwargs}
@@ -253,8 +285,9 @@ def test_bad_arguments_raise(gptoss, prompts, kwargs, match):
 def test_too_long_for_the_model_raises(gpt2, gptoss):
   with pytest.raises(ValueError, match="max_position_embeddings"):
     generate(gpt2, [[1] * 60], 5)  # 65 > GPT-2's 64 positions
-  with pytest.raises(ValueError, match="MAX_POSITIONS"):
-    generate(gptoss, [[1]], sampling.MAX_POSITIONS)
+  limit = gptoss.cfg.initial_context_length  # rope_scaling_factor 1: no YaRN stretch
+  with pytest.raises(ValueError, match="initial_context_length x rope_scaling_factor"):
+    generate(gptoss, [[1]], limit)
 
 
 class ByteTokenizer:

@@ -59,6 +59,7 @@ def test_training_lowers_validation_loss(tmp_path, cache_dir):
   assert (tmp_path / "run" / "loss.png").stat().st_size > 0
   model, tokenizer = ckpt.load_checkpoint(tmp_path / "run")
   assert tokenizer.vocab_size == cfg.model.vocab_size
+  assert model.stop_tokens == tokenizer.stop_ids  # generate()'s default, in the compact ids
   assert model(jnp.asarray([tokenizer.encode("Once upon a time")])).shape[-1] == tokenizer.vocab_size
 
 
