@@ -130,8 +130,10 @@ def _softmax_attention(q, k, v, mask, sinks):
 
 def _softmax_attention_forward(q, k, v, mask, sinks):
   probs, sink_probs = _probabilities(q, k, mask, sinks)
-  out = jnp.einsum("bkqs,bksh->bkqh", probs.astype(v.dtype), v)
-  return out, (q, k, v, out, probs, sink_probs)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  # The backward pass's row_dot needs `out` unrounded: in bfloat16 the rounded copy doubled the
+  # error of the k and sink gradients against float32 (autodiff's were half of it).
+  return out.astype(v.dtype), (q, k, v, out, probs, sink_probs)
 
 
 def _softmax_attention_backward(residuals, dout):
@@ -140,7 +142,7 @@ def _softmax_attention_backward(residuals, dout):
   dv = jnp.einsum("bkqs,bkqh->bksh", probs.astype(dout.dtype), dout)
   dprobs = jnp.einsum("bkqh,bksh->bkqs", dout, v, preferred_element_type=jnp.float32)
   # Softmax backward: dscore = p * (dp - sum_s p * dp), and sum_s p * dp = sum_h dout * out.
-  row_dot = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, K, G*T]
+  row_dot = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)  # [B, K, G*T], out is float32
   dscores = (probs * (dprobs - row_dot[..., None]) * head_dim ** -0.5).astype(q.dtype)
   dq = jnp.einsum("bkqs,bksh->bkqh", dscores, k)
   dk = jnp.einsum("bkqs,bkqh->bksh", dscores, q)

@@ -29,7 +29,16 @@ def _check_dtypes(cfg) -> None:
 def _check_positive(cfg, names) -> None:
   for name in names:
     value = getattr(cfg, name)
-    _require(isinstance(value, int) and value > 0, name, "must be a positive integer", value)
+    # bool is an int subclass, and True would pass for 1.
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+             "must be a positive integer (a Python int)", value)
+
+
+def _check_finite(cfg, names) -> None:
+  for name in names:
+    value = getattr(cfg, name)
+    _require(isinstance(value, (int, float)) and math.isfinite(value), name,
+             "must be a finite number", value)
 
 
 def yarn_bounds(cfg: "GptOssConfig") -> tuple[float, float]:
@@ -75,6 +84,8 @@ class GptOssConfig:
              self.num_attention_heads)
     _require(self.experts_per_token <= self.num_experts, "experts_per_token",
              f"must be <= num_experts={self.num_experts}", self.experts_per_token)
+    _check_finite(self, ("swiglu_limit", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha",
+                         "rope_ntk_beta"))
     _require(self.swiglu_limit > 0, "swiglu_limit", "must be > 0", self.swiglu_limit)
     _require(self.rope_theta > 1, "rope_theta", "must be > 1", self.rope_theta)
     _require(self.rope_scaling_factor >= 1.0, "rope_scaling_factor",
@@ -128,7 +139,9 @@ class Gpt2Config:
              self.hidden_size)
     if self.intermediate_size is not None:
       _check_positive(self, ("intermediate_size",))
+    _check_finite(self, ("dropout", "layer_norm_eps"))
     _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)", self.dropout)
+    _require(self.layer_norm_eps > 0, "layer_norm_eps", "must be > 0", self.layer_norm_eps)
     _check_dtypes(self)
 
   @property

@@ -98,6 +98,11 @@ class Gpt2(nnx.Module):
     del moe_groups
     in_order = positions is None  # then attention may skip key blocks that follow the queries
     if in_order:
+      # Only this case is checkable here (positions are traced); the table lookup would fill
+      # rows past its end with NaN, which attention then spreads to every position.
+      if tokens.shape[1] > self.cfg.max_position_embeddings:
+        raise ValueError(f"{tokens.shape[1]} tokens exceed GPT-2's max_position_embeddings="
+                         f"{self.cfg.max_position_embeddings}")
       positions = default_positions(tokens)
     # Padding positions (< 0) read row 0 of the table; their outputs are never used.
     x = self.dropout(self.wte(tokens) + self.wpe(jnp.maximum(positions, 0)))  # [B, T, D]

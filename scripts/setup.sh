@@ -10,6 +10,10 @@ fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 if [ "${1:-}" = "test" ]; then
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    # e.g. https://download.pytorch.org/whl/cpu: PyPI's Linux torch wheel is the multi-GB CUDA one.
+    python -m pip install --quiet torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+  fi
   python -m pip install --quiet -e ".[test]"
   # gpt-oss 0.0.9 declares Python >= 3.12 and heavy serving deps; its torch model needs neither.
   python -m pip install --quiet --no-deps --ignore-requires-python gpt-oss==0.0.9
