@@ -5,6 +5,8 @@ The reference stores linear weights as [out, in] and expert weights as [E, out, 
 `{i}` for the layer), the reference name, and whether the last two axes swap.
 """
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -13,6 +15,7 @@ from nanogptoss_jax.config import GptOssConfig
 from nanogptoss_jax.gptoss import GptOss
 from nanogptoss_jax.layers import dtype_of
 
+MAX_NAMES_SHOWN = 8  # of the missing, unexpected or misshapen tensors a mismatch error lists
 # (our path, reference name, transpose last two axes)
 GLOBAL_PARAMS = [
     ("embedding.embedding", "embedding.weight", False),
@@ -64,16 +67,27 @@ def from_torch_state_dict(config: GptOssConfig, state_dict) -> GptOss:
   missing = sorted(name for name, _ in table.values() if name not in state_dict)
   unexpected = sorted(set(state_dict) - {name for name, _ in table.values()})
   if missing or unexpected:
-    raise KeyError(f"state_dict does not match the config: missing {missing[:8]}, "
-                   f"unexpected {unexpected[:8]}")
+    hint = ""
+    prefix = os.path.commonprefix(unexpected)
+    if missing and prefix and all(prefix + name in state_dict for name in missing):
+      hint = f"; every key starts with {prefix!r}: strip that prefix first"
+    raise KeyError(f"state_dict does not match the config: {len(missing)} missing "
+                   f"{missing[:MAX_NAMES_SHOWN]}, {len(unexpected)} unexpected "
+                   f"{unexpected[:MAX_NAMES_SHOWN]}{hint}")
   param_dtype = dtype_of(config.param_dtype)
+  wrong = []
   for path, variable in flat.items():
     name, swap = table[path]
     value = _swap(_to_numpy(state_dict[name]), swap)
     if value.shape != variable.shape:
-      raise ValueError(f"{name}: shape {value.shape} (after layout change) does not match "
-                       f"the config's {variable.shape}")
+      stored = (*value.shape[:-2], value.shape[-1], value.shape[-2])  # before _swap
+      saved = f"{stored} transposed to " if swap else ""
+      wrong.append(f"{name}: {saved}{value.shape}, the config needs {variable.shape}")
+      continue
     variable.set_value(jnp.asarray(value, param_dtype))
+  if wrong:
+    raise ValueError(f"{len(wrong)} tensors do not match the config's shapes:\n  "
+                     + "\n  ".join(wrong[:MAX_NAMES_SHOWN]))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

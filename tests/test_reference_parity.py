@@ -186,7 +186,7 @@ def test_loading_a_mismatched_state_dict_names_the_problem():
   cfg = CONFIGS["gqa2-top2-yarn"]
   state_dict = _small_state_dict(cfg)
   missing = {k: v for k, v in state_dict.items() if k != "block.1.attn.sinks"}
-  with pytest.raises(KeyError, match=r"missing \['block\.1\.attn\.sinks'\]"):
+  with pytest.raises(KeyError, match=r"1 missing \['block\.1\.attn\.sinks'\]"):
     from_torch_state_dict(cfg, missing)
   with pytest.raises(KeyError, match=r"unexpected \['block\.9\.attn\.sinks'\]"):
     from_torch_state_dict(cfg, {**state_dict, "block.9.attn.sinks": state_dict["block.1.attn.sinks"]})
@@ -194,5 +194,8 @@ def test_loading_a_mismatched_state_dict_names_the_problem():
   with pytest.raises(KeyError, match=r"unexpected \['block\.2\."):
     from_torch_state_dict(cfg.replace(num_hidden_layers=2), state_dict)
   wrong_shape = {**state_dict, "block.0.mlp.mlp1_bias": np.zeros((4, 7), np.float32)}
-  with pytest.raises(ValueError, match=r"block\.0\.mlp\.mlp1_bias: shape \(4, 7\)"):
+  with pytest.raises(ValueError, match=r"block\.0\.mlp\.mlp1_bias: \(4, 7\), the config needs"):
     from_torch_state_dict(cfg, wrong_shape)
+  # A prefixed state dict (e.g. saved from a wrapper module) gets told what to strip.
+  with pytest.raises(KeyError, match=r"every key starts with 'model\.': strip that prefix"):
+    from_torch_state_dict(cfg, {"model." + name: value for name, value in state_dict.items()})
