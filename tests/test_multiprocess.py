@@ -90,11 +90,16 @@ def _wait_all(procs: list[subprocess.Popen], deadline: float) -> list[int | None
       break
     time.sleep(0.2)
   codes = [proc.poll() for proc in procs]
+  _kill_leftovers(procs)
+  return codes
+
+
+def _kill_leftovers(procs: list[subprocess.Popen]) -> None:
+  """Never leaves a child running, e.g. blocked in a collective after its partner failed."""
   for proc in procs:
     if proc.poll() is None:
       proc.kill()  # SIGKILL: the trainer turns SIGTERM into "save, then stop"
       proc.wait()
-  return codes
 
 
 def _tails(logs: Path) -> str:
@@ -114,10 +119,7 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
           progress=False)
     codes = _wait_all(procs, deadline)
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    _kill_leftovers(procs)
   assert codes == [0] * PROCESSES, f"exit codes {codes}\n{_tails(logs)}"
   for index in range(PROCESSES):
     tags = [line for line in (logs / f"process{index}.log").read_text().splitlines()
@@ -166,14 +168,11 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path, cache_dir
     procs[1].send_signal(signal.SIGTERM)
     codes = _wait_all(procs, deadline)
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    _kill_leftovers(procs)
   assert codes == [0] * PROCESSES, f"exit codes {codes}\n{_tails(logs)}"
   checkpoints = ckpt.RunCheckpoints(run_dir)
   saved = checkpoints.latest_step()
   checkpoints.close()
   assert saved is not None and saved >= 3, _tails(logs)
-  # Both processes stopped after the same step: the one process 0 logged last.
+  # The checkpoint (both processes write it together) holds the last step process 0 logged.
   assert _loss_rows(run_dir)[-1]["step"] == saved
