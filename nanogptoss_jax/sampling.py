@@ -329,8 +329,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   temperature 0 is greedy; otherwise logits / temperature, then top_k, then top_p, then a draw
   with key fold_in(key(seed), step). stop_tokens defaults to the model's `stop_tokens` attribute
   (`load_checkpoint` sets it from the checkpoint's tokenizer, whose vocabulary may be compact),
-  else to <|endoftext|> and <|return|> when they fit the vocabulary. `callback`, if given, gets each step's token per row, None for a row
-  that already stopped or is stopping (the stop token itself is never reported).
+  else to <|endoftext|> and <|return|> when they fit the vocabulary. `callback`, if given, gets
+  each step's token per row, None for a row that already stopped or is stopping (the stop token
+  itself is never reported).
   """
   cfg = model.cfg
   _check_arguments(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)

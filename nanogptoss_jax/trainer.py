@@ -267,7 +267,8 @@ class Trainer:
                     disable=not (self.progress and self.is_main))
     last, pending = {}, None  # pending: (step, device metrics), fetched after the next dispatch
     multiprocess = jax.process_count() > 1
-    with _StopRequest((signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)) as stop:
+    signals = (signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)
+    with _StopRequest(signals) as stop:
       while self.step < until and not stop.requested:
         first = pending is None and not last
         self.state, metrics = self.train_step(self.state, self._next_batch())

@@ -411,7 +411,8 @@ def test_bfloat16_attention_gradients_near_autodiffs():
   batch, length, kv_heads, groups, head_dim = 2, 128, 2, 2, 64
   rng = np.random.default_rng(0)
   normal = lambda shape, mean=0.0: jnp.asarray(mean + rng.standard_normal(shape), jnp.float32)
-  q, k = normal((batch, length, kv_heads, groups, head_dim)), normal((batch, kv_heads, length, head_dim))
+  q = normal((batch, length, kv_heads, groups, head_dim))
+  k = normal((batch, kv_heads, length, head_dim))
   v, sinks = normal((batch, kv_heads, length, head_dim), 64.0), normal((kv_heads, groups))
   upstream = normal((batch, length, kv_heads, groups, head_dim))
   positions = jnp.broadcast_to(jnp.arange(length), (batch, length))

@@ -100,8 +100,8 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monke
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, cache_dir):
   cfg = tiny_run(tmp_path / "run", cache_dir, steps=8, ckpt_every=4, eval_every=4)
   train(cfg, progress=False)
-  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  best_val = min(row["val_loss"] for row in rows if "val_loss" in row)
+  rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  best_val = min(row["val_loss"] for row in map(json.loads, rows) if "val_loss" in row)
   latest = tmp_path / "run" / "checkpoints" / "8"
   for path in (latest / "state").rglob("*"):
     if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
