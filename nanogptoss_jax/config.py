@@ -139,7 +139,7 @@ class Gpt2Config:
              self.hidden_size)
     if self.intermediate_size is not None:
       _check_positive(self, ("intermediate_size",))
-    _check_finite(self, ("dropout", "layer_norm_eps"))
+    _check_finite(self, ("layer_norm_eps",))  # dropout's range check below refuses inf and NaN
     _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)", self.dropout)
     _require(self.layer_norm_eps > 0, "layer_norm_eps", "must be > 0", self.layer_norm_eps)
     _check_dtypes(self)

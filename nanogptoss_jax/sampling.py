@@ -201,11 +201,16 @@ def sample_tokens(logits: jax.Array, key: jax.Array, settings: SamplerSettings,
   return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def _inference_model(graphdef, params):
+  model = nnx.merge(graphdef, params)
+  model.eval()  # no dropout while sampling
+  return model
+
+
 def _prefill(graphdef, params, tokens, positions, *, cache_length):
   """Writes the prompts (all but each row's last token) into a fresh cache."""
   TRACE_COUNTS["prefill"] += 1
-  model = nnx.merge(graphdef, params)
-  model.eval()  # no dropout while sampling
+  model = _inference_model(graphdef, params)
   cache = model.init_cache(tokens.shape[0], cache_length)
   # Only the cache is returned, so XLA drops the unembedding (the biggest matmul) as dead code.
   return model.forward(tokens, positions, cache).cache
@@ -215,8 +220,7 @@ def _decode(graphdef, params, state: DecodeState, limit, temperature, top_p, sto
             settings: SamplerSettings) -> DecodeState:
   """Feeds the last token and draws the next, until step == limit or every row stopped."""
   TRACE_COUNTS["decode"] += 1
-  model = nnx.merge(graphdef, params)
-  model.eval()
+  model = _inference_model(graphdef, params)
 
   def keep_going(state):
     return (state.step < limit) & ~jnp.all(state.done)

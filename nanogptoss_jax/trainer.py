@@ -91,7 +91,7 @@ class MetricsLog:
 
   def set_aside(self) -> None:
     """Renames an existing metrics file (of an earlier, unresumable attempt) out of the way."""
-    if not self.path.exists():
+    if not (self.enabled and self.path.exists()):
       return
     number = 1
     while (target := self.path.with_name(f"{self.path.stem}.previous-{number}.jsonl")).exists():
@@ -191,8 +191,7 @@ class Trainer:
       self.log.truncate_after(step)
       logging.info("resumed %s at step %d", self.run_dir, step)
     else:
-      if self.is_main:
-        self.log.set_aside()  # a run that crashed before its first checkpoint left rows there
+      self.log.set_aside()  # a run that crashed before its first checkpoint left rows there
       init = lambda: init_train_state(build_model(cfg.model, cfg.train.seed), tx)
       self.state = jax.jit(init, out_shardings=self.state_shardings)()
     self.lr_schedule = lr_schedule(cfg.optim, cfg.train.steps)
