@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from gpt_oss.torch.model import ModelConfig, Transformer
 
-from nanogptoss_jax.checkpoint import abstract_train_state
-from nanogptoss_jax.config_cli import load_config_file
-from nanogptoss_jax.interop import to_torch_state_dict
-from nanogptoss_jax.models import build_model
-from nanogptoss_jax.run_config import RunConfig
-from nanogptoss_jax.sampling import generate
-from nanogptoss_jax.train_step import init_train_state, make_train_step
+from nanogptoss_jax.training.state import abstract_train_state, init_train_state
+from nanogptoss_jax.training.config_files import load_config_file
+from nanogptoss_jax.interop.torch_reference import to_torch_state_dict
+from nanogptoss_jax.model.registry import build_model
+from nanogptoss_jax.training.run_config import RunConfig
+from nanogptoss_jax.sampling.decode import generate
+from nanogptoss_jax.training.step import make_train_step
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "bench_201k.py"
 CONTEXT_LEN = 256  # tokens per training sequence, for both

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanogptoss_jax import timing
-from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.gptoss import GptOss
-from nanogptoss_jax.sampling import generate
+from nanogptoss_jax.experiments import timing
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.gptoss import GptOss
+from nanogptoss_jax.sampling.decode import generate
 
 BENCH_201K = GptOssConfig(
     num_hidden_layers=4, hidden_size=256, intermediate_size=256, head_dim=64,

@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanogptoss_jax.checkpoint import abstract_train_state
-from nanogptoss_jax.config_cli import load_config_file
-from nanogptoss_jax.flops import measure_matmul_peak, train_flops_per_token
-from nanogptoss_jax.models import build_model
-from nanogptoss_jax.train_step import init_train_state, make_train_step
+from nanogptoss_jax.training.state import abstract_train_state, init_train_state
+from nanogptoss_jax.training.config_files import load_config_file
+from nanogptoss_jax.experiments.timing import measure_matmul_peak
+from nanogptoss_jax.model.flops import train_flops_per_token
+from nanogptoss_jax.model.registry import build_model
+from nanogptoss_jax.training.step import make_train_step
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 COMPACT_VOCAB = 8192  # bench_201k_compact: the same model with a TinyStories-sized vocabulary

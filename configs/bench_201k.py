@@ -1,7 +1,8 @@
 """The benchmark config: a narrow 4-layer GPT-OSS, its cost dominated by the 201088 vocabulary."""
 
-from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.run_config import FULL_VOCAB_SIZE, DataConfig, RunConfig, TrainConfig
+from nanogptoss_jax import o200k
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.training.run_config import DataConfig, RunConfig, TrainConfig
 
 
 def get_config() -> RunConfig:
@@ -18,7 +19,7 @@ def get_config() -> RunConfig:
       sliding_window=128,
       rope_theta=150000.0,
       rope_scaling_factor=1.0,
-      vocab_size=FULL_VOCAB_SIZE,
+      vocab_size=o200k.VOCAB_SIZE,
   )
   return RunConfig(
       model=model,

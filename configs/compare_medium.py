@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from nanogptoss_jax.compare import CompareConfig
+from nanogptoss_jax.experiments.compare_config import CompareConfig
 
 
 def get_config() -> CompareConfig:

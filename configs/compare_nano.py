@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from nanogptoss_jax.compare import CompareConfig
+from nanogptoss_jax.experiments.compare_config import CompareConfig
 
 # Six runs of 150 steps of 16 x 256 tokens (about 0.6M tokens) each, at roughly a second per step
 # for either model on 2 idle cores, plus ~30 s per run of startup and evals (19 min 19 s in all).

@@ -1,8 +1,8 @@
 """Large GPT-OSS: ~3.4B parameters (~1.6B active per token), full vocabulary; a multi-GPU run."""
 
-from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.run_config import (FULL_VOCAB_SIZE, DataConfig, OptimConfig, RunConfig,
-                                       TrainConfig)
+from nanogptoss_jax import o200k
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.training.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
 
 
 def get_config() -> RunConfig:
@@ -19,7 +19,7 @@ def get_config() -> RunConfig:
       sliding_window=128,
       rope_theta=150000.0,
       rope_scaling_factor=1.0,
-      vocab_size=FULL_VOCAB_SIZE,
+      vocab_size=o200k.VOCAB_SIZE,
   )
   return RunConfig(
       model=model,

@@ -1,7 +1,7 @@
 """Nano GPT-OSS: small enough to train on a 2-core CPU in about seven minutes on TinyStories."""
 
-from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.training.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
 
 # A compact vocabulary: 4096 ids cover TinyStories losslessly and shrink the (un)embedding 50x.
 VOCAB_SIZE = 4096

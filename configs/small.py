@@ -1,7 +1,7 @@
 """Small GPT-OSS: a single-GPU run on TinyStories."""
 
-from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.training.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
 
 # A compact vocabulary rather than the full 201088: at width 512 the full (un)embedding alone
 # would hold ~206M parameters, most of them for tokens TinyStories never uses.

@@ -1,15 +1,21 @@
-"""nanogptoss-jax: GPT-OSS (and a GPT-2 baseline) in JAX + Flax NNX."""
+"""nanogptoss-jax: GPT-OSS (and a GPT-2 baseline) in JAX + Flax NNX.
+
+The package is layered; each folder imports only from those below it:
+commands -> experiments -> training -> sampling, interop -> data, model -> kernels.
+"""
 
 import importlib
 
 # Public names and the module each lives in. Loaded on first use (PEP 562), so that light
-# modules (e.g. cpu_malloc, used before a script's heavy imports) don't pull in JAX.
+# modules (cli, cpu_malloc: used before a command's heavy imports) don't pull in JAX.
 _EXPORTS = {
-    "ConfigError": "config", "GptOssConfig": "config", "Gpt2Config": "config",
-    "GptOss": "gptoss", "Gpt2": "gpt2",
-    "from_torch_state_dict": "interop", "to_torch_state_dict": "interop",
-    "generate": "sampling", "generate_text": "sampling",
-    "load_checkpoint": "checkpoint",
+    "ConfigError": "model.config", "GptOssConfig": "model.config", "Gpt2Config": "model.config",
+    "GptOss": "model.gptoss", "Gpt2": "model.gpt2",
+    "from_torch_state_dict": "interop.torch_reference",
+    "to_torch_state_dict": "interop.torch_reference",
+    "generate": "sampling.decode", "generate_text": "sampling.text",
+    "load_checkpoint": "training.checkpoints",
+    "UserError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogptoss_jax.compare import (MODELS, REPORT_FILE, RESULTS_FILE, RUN_RESULT_FILE,
-                                    TRAIN_PLOT_FILE, VAL_PLOT_FILE, CompareConfig, compare,
-                                    parse_args, run_configs)
-from nanogptoss_jax.config import ConfigError, Gpt2Config, GptOssConfig
+from nanogptoss_jax.experiments.compare_config import (MODELS, CompareConfig, parse_args,
+                                                      run_configs)
+from nanogptoss_jax.experiments.compare_report import (REPORT_FILE, RESULTS_FILE, TRAIN_PLOT_FILE,
+                                                      VAL_PLOT_FILE)
+from nanogptoss_jax.experiments.compare_runs import RUN_RESULT_FILE, compare
+from nanogptoss_jax.errors import UsageError
+from nanogptoss_jax.model.config import ConfigError, Gpt2Config, GptOssConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEPS, TINY_EVAL_EVERY = 6, 3
@@ -65,7 +68,7 @@ def test_arguments_set_the_comparison_and_both_runs():
 ])
 def test_bad_arguments_are_refused(argv, message, monkeypatch):
   monkeypatch.chdir(REPO)
-  with pytest.raises(ConfigError, match=message):
+  with pytest.raises(UsageError, match=message):
     parse_args(argv)
 
 

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from nanogptoss_jax.config import ConfigError, Gpt2Config, GptOssConfig
-from nanogptoss_jax.config_cli import (ConfigFileError, ConfigOverrideError, apply_overrides,
-                                       config_from_dict, config_to_dict, load_config_file,
-                                       parse_args, validate_run_config)
-from nanogptoss_jax.run_config import (FULL_VOCAB_SIZE, DataConfig, RunConfig, TrainConfig,
-                                       gpt2_twin)
+from nanogptoss_jax.model.config import ConfigError, Gpt2Config, GptOssConfig
+from nanogptoss_jax.training.config_files import (ConfigFileError, apply_overrides,
+                                                  load_config_file, parse_args)
+from nanogptoss_jax.training.config_io import (ConfigOverrideError, config_from_dict,
+                                               config_to_dict)
+from nanogptoss_jax.training.run_config import (DataConfig, RunConfig, TrainConfig, gpt2_twin,
+                                                validate_run_config)
 
+FULL_VOCAB_SIZE = 201088  # o200k_harmony's n_vocab
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Run configs; compare_*.py describe a comparison of two runs (tests/test_compare.py loads them).
 CONFIG_FILES = sorted(p for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("compare_"))
@@ -130,7 +132,7 @@ def test_parse_args_refusals():
 
 
 def test_load_config_file_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(ConfigFileError, match="does not exist"):
     load_config_file(tmp_path / "missing.py")
   no_get_config = tmp_path / "empty.py"
   no_get_config.write_text("X = 1\n")
@@ -166,7 +168,8 @@ def test_json_round_trip_keeps_model_kind_and_types(run):
 
 def test_gpt2_twins_match_their_gpt_oss_config():
   for name in ("nano", "small", "medium", "large"):
-    oss, gpt2 = (load_config_file(CONFIGS_DIR / f"{prefix}{name}.py") for prefix in ("", "gpt2_"))
+    oss, gpt2 = (load_config_file(f"{CONFIGS_DIR / name}.py{variant}")
+                 for variant in ("", ":gpt2"))
     assert isinstance(gpt2.model, Gpt2Config)
     for field in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
       assert getattr(gpt2.model, field) == getattr(oss.model, field), (name, field)
@@ -184,7 +187,7 @@ def test_validate_lists_every_broken_rule(run):
   with pytest.raises(ConfigError) as error:
     validate_run_config(bad)
   message = str(error.value)
-  for expected in (f"model.vocab_size=64 must equal FULL_VOCAB_SIZE "
+  for expected in (f"model.vocab_size=64 must equal o200k_harmony's size "
                    f"(data.compact_vocab_size=0)={FULL_VOCAB_SIZE}",
                    "train.steps=0 must be > 0",
                    "train.batch_size=6 must be a positive multiple of train.grad_accum=4",

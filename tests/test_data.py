@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from huggingface_hub import constants as hub_constants
 
-from nanogptoss_jax import data
-from nanogptoss_jax.data import (DataUnavailableError, TokenStream, base_token_stream,
-                                 load_split_texts, make_train_dataset, make_train_iterator,
-                                 prepare_data, val_windows)
-from nanogptoss_jax.run_config import DataConfig
-from nanogptoss_jax.tokenizer import base_encoding
+from nanogptoss_jax.data import sources, streams
+from nanogptoss_jax.data.config import DataConfig, DataUnavailableError
+from nanogptoss_jax.data.sources import load_split_texts
+from nanogptoss_jax.data.streams import base_token_stream, prepare_data
+from nanogptoss_jax.data.token_cache import TokenStream
+from nanogptoss_jax.data.windows import make_train_dataset, make_train_iterator, val_windows
+from nanogptoss_jax.data.tokenizer import base_encoding
 
 STORIES = 200  # enough to span several encode batches' worth of logic, quick to tokenise
 EOT = 199999  # o200k_harmony <|endoftext|>
@@ -97,8 +98,8 @@ def test_second_call_reads_the_cache_without_tokenising(tinystories_dir, tmp_pat
 
   def fail(*args):
     raise AssertionError("the cache should have been used")
-  monkeypatch.setattr(data, "_encode_stories", fail)
-  monkeypatch.setattr(data, "_open_stories", fail)
+  monkeypatch.setattr(streams, "_encode_stories", fail)
+  monkeypatch.setattr(streams, "open_stories", fail)
   second = base_token_stream(cfg, "validation")
   assert isinstance(second.ids, np.memmap)
   np.testing.assert_array_equal(first.ids, second.ids)

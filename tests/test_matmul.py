@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanogptoss_jax.layers import linear, matmul
+from nanogptoss_jax.kernels.matmul import matmul
+from nanogptoss_jax.model.layers import linear
 
 SHAPES = [  # (x, w): a Linear on [B, T, K] and on [N, K]; the MoE's per-block products
     ((2, 5, 6), (6, 7)),

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanogptoss_jax import ConfigError, Gpt2, Gpt2Config, GptOss, GptOssConfig, config
-from nanogptoss_jax.attention import QUERY_BLOCK, attend
-from nanogptoss_jax.moe import MoE, block_plan, resolve_moe_impl
-from nanogptoss_jax.params import count_params, param_counts
-from nanogptoss_jax.rope import rope_tables, rope_tables_in_order
+from nanogptoss_jax import ConfigError, Gpt2, Gpt2Config, GptOss, GptOssConfig
+from nanogptoss_jax.kernels.attention import QUERY_BLOCK
+from nanogptoss_jax.kernels.moe_dispatch import block_plan, sorted_experts
+from nanogptoss_jax.model import config
+from nanogptoss_jax.model.attention import attend
+from nanogptoss_jax.model.choices import moe_impl as resolve_moe_impl
+from nanogptoss_jax.model.moe import MoE, dense_experts, swiglu
+from nanogptoss_jax.model.params import count_params
+from nanogptoss_jax.model.rope import rope_tables, rope_tables_in_order
 from tests.reference import relative_error
 
 WINDOW = 4
@@ -301,8 +305,12 @@ def test_sorted_blocks_suffice_for_the_worst_routing():
   t = jnp.asarray(_normal((tokens, CFG.hidden_size), seed=5))
   top_weights = jnp.ones((tokens, 1), jnp.float32)
   weights = tuple(p[...] for p in (moe.mlp1_weight, moe.mlp1_bias, moe.mlp2_weight, moe.mlp2_bias))
-  sparse = jax.jit(moe._sorted)(t, top_experts, top_weights, weights)
-  dense = jax.jit(moe._dense)(t, top_experts, top_weights, weights)
+  experts = dict(activation=functools.partial(swiglu, limit=CFG.swiglu_limit),
+                 matmul=jnp.matmul)
+  sparse = jax.jit(functools.partial(sorted_experts, **experts))(t, top_experts, top_weights,
+                                                                 weights)
+  dense = jax.jit(functools.partial(dense_experts, **experts))(t, top_experts, top_weights,
+                                                               weights)
   assert relative_error(sparse, dense) <= MOE_TOLERANCE
 
 
@@ -375,7 +383,7 @@ def _abstract(cls, cfg):
 
 @functools.cache
 def _preset_counts(preset: str) -> dict[str, int]:
-  return param_counts(_abstract(GptOss, getattr(config, preset)))
+  return _abstract(GptOss, getattr(config, preset)).param_counts()
 
 
 @pytest.mark.parametrize("preset", ["SEED_MEDIUM", "GPT_OSS_20B"])
@@ -401,7 +409,7 @@ def test_gpt2_active_equals_total():
   expected = 2 * cfg.vocab_size * d + cfg.max_position_embeddings * d + 2 * d + 2 * block
   model = _abstract(Gpt2, cfg)
   assert count_params(model) == expected
-  assert param_counts(model) == {"total": expected, "active": expected}
+  assert model.param_counts() == {"total": expected, "active": expected}
 
 
 def test_bfloat16_attention_gradients_near_autodiffs():

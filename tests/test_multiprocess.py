@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanogptoss_jax import checkpoint as ckpt
-from nanogptoss_jax.trainer import train
+from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.training.loop import train
 from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +43,8 @@ def _free_loopback_port() -> int:
 # Trains tiny_run(run_dir, cache_dir) with the overrides in argv, then reports the topology.
 CHILD_CODE = f"""
 import sys, jax
-from nanogptoss_jax.config_cli import apply_overrides
-from nanogptoss_jax.trainer import train
+from nanogptoss_jax.training.config_files import apply_overrides
+from nanogptoss_jax.training.loop import train
 from tests.train_helpers import tiny_run
 train(apply_overrides(tiny_run(sys.argv[1], sys.argv[2]), sys.argv[3:]), progress=False)
 print({TOPOLOGY_TAG!r}, jax.process_index(), jax.process_count(), jax.device_count(), flush=True)

@@ -7,10 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.models import abstract_model
-from nanogptoss_jax.optim import decay_mask, lr_schedule, make_optimizer
-from nanogptoss_jax.run_config import OptimConfig
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.registry import abstract_model
+from nanogptoss_jax.training.optimizer import decay_mask, lr_schedule, make_optimizer
+from nanogptoss_jax.training.run_config import OptimConfig
 
 OPTIM = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.1)
 TOTAL_STEPS = 110

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax import GptOssConfig, from_torch_state_dict, to_torch_state_dict
-from nanogptoss_jax.rope import rope_tables
-from nanogptoss_jax.train_step import token_losses
+from nanogptoss_jax.model.rope import rope_tables
+from nanogptoss_jax.training.step import token_losses
 from tests.reference import (build_reference, random_tokens, reference_state_dict, relative_error,
                              run_reference)
 

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanogptoss_jax import sampling
-from nanogptoss_jax.config import Gpt2Config, GptOssConfig
-from nanogptoss_jax.gpt2 import Gpt2
-from nanogptoss_jax.gptoss import GptOss
-from nanogptoss_jax.sampling import filter_logits, generate, generate_text
+from nanogptoss_jax.sampling import decode as sampling
+from nanogptoss_jax.sampling import filters, text
+from nanogptoss_jax.model.config import Gpt2Config, GptOssConfig
+from nanogptoss_jax.model.gpt2 import Gpt2
+from nanogptoss_jax.model.gptoss import GptOss
+from nanogptoss_jax.sampling.decode import generate
+from nanogptoss_jax.sampling.filters import filter_logits
+from nanogptoss_jax.sampling.text import generate_text
 
 VOCAB = 97
 WINDOW = 8
@@ -166,13 +169,15 @@ def test_tiny_temperature_is_greedy_not_nan(gptoss, temperature, top_k):
 
 
 def test_default_stop_tokens_come_from_the_model(gptoss):
-  """load_checkpoint records the tokenizer's stop ids on the model (a compact vocabulary
-  numbers <|endoftext|> differently); generate stops at them by default."""
-  greedy = generate(gptoss, PROMPTS[:1], NEW_TOKENS, temperature=0, stop_tokens=[])[0]
-  model = GptOss(gptoss.cfg, rngs=nnx.Rngs(0))  # the fixture's weights, with stop ids
-  model.stop_tokens = (greedy[3],)
+  """load_checkpoint sets the config's stop_tokens from the tokenizer (a compact vocabulary
+  numbers <|endoftext|> differently); generate stops at them by default, none without."""
+  greedy = generate(gptoss, PROMPTS[:1], NEW_TOKENS, temperature=0)[0]
+  assert len(greedy) == NEW_TOKENS  # the fixture's config has no stop ids: no ids hard-coded
+  # The fixture's weights, with stop ids in the config.
+  model = GptOss(gptoss.cfg.replace(stop_tokens=(greedy[3],)), rngs=nnx.Rngs(0))
   expected = greedy[:greedy.index(greedy[3])]  # up to its first occurrence
   assert generate(model, PROMPTS[:1], NEW_TOKENS, temperature=0) == [expected]
+  assert generate(model, PROMPTS[:1], NEW_TOKENS, temperature=0, stop_tokens=[]) == [greedy]
 
 
 def test_generate_turns_dropout_off():
@@ -214,8 +219,8 @@ def test_filter_logits_top_p_applies_after_top_k():
 def test_sample_frequencies_match_softmax(top_k):
   logits = jnp.asarray([0.0, 1.0, 2.0, 0.5])
   temperature = 0.7
-  settings = sampling.SamplerSettings(greedy=False, top_k=top_k, use_top_p=False)
-  draws = sampling.sample_tokens(jnp.broadcast_to(logits, (SAMPLES, 4)), jax.random.key(3),
+  settings = filters.SamplerSettings(greedy=False, top_k=top_k, use_top_p=False)
+  draws = filters.sample_tokens(jnp.broadcast_to(logits, (SAMPLES, 4)), jax.random.key(3),
                                  settings, jnp.float32(temperature), jnp.float32(1.0))
   expected = np.asarray(jax.nn.softmax(filter_logits(logits[None] / temperature, top_k)))[0]
   frequencies = np.bincount(np.asarray(draws), minlength=4) / SAMPLES
@@ -243,15 +248,15 @@ def test_nucleus_without_top_k_is_the_sorted_nucleus(scale):
     kept = np.isfinite(np.asarray(jitted(logits, top_p=top_p)))
     np.testing.assert_array_equal(kept, sorted_nucleus(logits, top_p), err_msg=f"top_p={top_p}")
     if scale < 1 and top_p >= 0.5:  # flat: the nucleus goes past the candidates
-      assert kept.sum(axis=-1).min() > sampling.NUCLEUS_CANDIDATES
+      assert kept.sum(axis=-1).min() > filters.NUCLEUS_CANDIDATES
 
 
 def test_draw_over_many_blocks_matches_softmax():
   """The two-level draw across padded blocks: right frequencies, never a -inf logit."""
-  size = 3 * sampling.DRAW_BLOCK + 37  # the last block is mostly padding
+  size = 3 * filters.DRAW_BLOCK + 37  # the last block is mostly padding
   logits = jax.random.normal(jax.random.key(1), (size,)) * 2
   logits = logits.at[::3].set(-jnp.inf)  # filtered tokens, scattered through every block
-  draws = np.asarray(sampling.draw(jax.random.key(2), jnp.broadcast_to(logits, (SAMPLES, size))))
+  draws = np.asarray(filters.draw(jax.random.key(2), jnp.broadcast_to(logits, (SAMPLES, size))))
   assert np.all(np.isfinite(np.asarray(logits)[draws]))
   # Frequencies per group of 100 tokens (each group holds a fair share of the mass).
   groups = np.arange(size) // 100
@@ -284,10 +289,10 @@ def test_bad_arguments_raise(gptoss, prompts, kwargs, match):
 
 
 def test_too_long_for_the_model_raises(gpt2, gptoss):
-  with pytest.raises(ValueError, match="max_position_embeddings"):
+  with pytest.raises(ValueError, match="exceeds the 64 positions"):
     generate(gpt2, [[1] * 60], 5)  # 65 > GPT-2's 64 positions
   limit = gptoss.cfg.initial_context_length  # rope_scaling_factor 1: no YaRN stretch
-  with pytest.raises(ValueError, match="initial_context_length x rope_scaling_factor"):
+  with pytest.raises(ValueError, match=f"exceeds the {limit} positions"):
     generate(gptoss, [[1]], limit)
 
 
@@ -307,7 +312,7 @@ class ByteTokenizer:
 
 def test_text_stream_never_splits_a_character():
   pieces = []
-  stream = sampling._TextStream(ByteTokenizer(), pieces.append)
+  stream = text._TextStream(ByteTokenizer(), pieces.append)
   for token in [65, 0, 1, 2, 66, None, 0]:
     stream.add([token])
   stream.finish()

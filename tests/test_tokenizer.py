@@ -10,7 +10,7 @@ import tiktoken.registry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanogptoss_jax import tokenizer as tokenizer_lib
+from nanogptoss_jax.data import tokenizer as tokenizer_lib
 
 N_VOCAB = 201088
 STARTOFTEXT_ID = 199998

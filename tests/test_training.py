@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanogptoss_jax import checkpoint as ckpt
-from nanogptoss_jax.models import build_model
-from nanogptoss_jax.optim import make_optimizer
-from nanogptoss_jax.run_config import gpt2_twin
-from nanogptoss_jax.train_step import init_train_state, make_train_step, split_model
-from nanogptoss_jax.trainer import Trainer, TrainingDivergedError, train
+from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.model.registry import build_model
+from nanogptoss_jax.training.optimizer import make_optimizer
+from nanogptoss_jax.training.run_config import gpt2_twin
+from nanogptoss_jax.training.state import init_train_state, split_model
+from nanogptoss_jax.training.step import make_train_step
+from nanogptoss_jax.training.loop import Trainer, TrainingDivergedError, train
 from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_training_lowers_validation_loss(tmp_path, cache_dir):
   assert (tmp_path / "run" / "loss.png").stat().st_size > 0
   model, tokenizer = ckpt.load_checkpoint(tmp_path / "run")
   assert tokenizer.vocab_size == cfg.model.vocab_size
-  assert model.stop_tokens == tokenizer.stop_ids  # generate()'s default, in the compact ids
+  assert model.cfg.stop_tokens == tokenizer.stop_ids  # generate()'s default, in compact ids
   assert model(jnp.asarray([tokenizer.encode("Once upon a time")])).shape[-1] == tokenizer.vocab_size
 
 
@@ -174,7 +175,7 @@ def test_too_few_validation_windows_fail_before_training(tmp_path, cache_dir):
 
 def _train_command(run_dir: Path, cache_dir: Path, *overrides: str) -> list[str]:
   return [sys.executable, "-c", "import sys; from tests.train_helpers import tiny_run; "
-          "from nanogptoss_jax.config_cli import apply_overrides; from nanogptoss_jax.trainer import train; "
+          "from nanogptoss_jax.training.config_files import apply_overrides; from nanogptoss_jax.training.loop import train; "
           f"train(apply_overrides(tiny_run({str(run_dir)!r}, {str(cache_dir)!r}), sys.argv[1:]), progress=False)",
           *overrides]
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from nanogptoss_jax.unembedding import unembed_cross_entropy
+from nanogptoss_jax.kernels.cross_entropy import unembed_cross_entropy
 
 N, D, V = 12, 16, 50
 

@@ -3,8 +3,8 @@
 import dataclasses
 from pathlib import Path
 
-from nanogptoss_jax.config import GptOssConfig
-from nanogptoss_jax.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.training.run_config import DataConfig, OptimConfig, RunConfig, TrainConfig
 
 HF_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "hf"
 TINY_VOCAB = 512

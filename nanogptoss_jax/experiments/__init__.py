@@ -1,0 +1,1 @@
+"""Experiments built on training and sampling: the GPT-OSS vs GPT-2 comparison, and timing."""

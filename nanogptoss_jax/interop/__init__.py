@@ -1,0 +1,1 @@
+"""Weights to and from other implementations: OpenAI's torch reference."""

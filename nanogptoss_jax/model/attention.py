@@ -1,0 +1,127 @@
+"""Causal attention with learned sinks and sliding windows, over an optional KV cache.
+
+Everything is driven by explicit token positions: a key is visible to a query when its position
+is known (>= 0), not after the query's, and (on sliding layers) fewer than `window` positions
+before it. The same rule serves training (keys = the sequence itself), prefill and decode
+(keys = the cache), and batches whose rows sit at different positions.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanogptoss_jax.kernels.attention import MASKED, blocked_attention
+from nanogptoss_jax.model import choices
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.kv_cache import LayerCache, cache_write
+from nanogptoss_jax.model.layers import RMSNorm, dtype_of, linear, normal_init, residual_init
+from nanogptoss_jax.model.rope import apply_rope
+
+
+def visible(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+  """[B, T, S] bool: key s is visible to query t (causal, known, within the window)."""
+  q = q_pos[:, :, None]
+  k = k_pos[:, None, :]
+  ok = (k >= 0) & (k <= q)
+  if window is not None:
+    ok &= q - k < window  # `window` keys, the query's own position included
+  return ok
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+              window: int | None, sinks: jax.Array | None) -> jax.Array:
+  """Grouped-query attention with a sink: q [B, T, K, G, H], k/v [B, K, S, H] -> [B, T, K, G, H].
+
+  The G query heads of a group share one key/value head. `sinks` [K, G] holds one learned logit
+  per query head that joins the softmax as an extra column with no value: it soaks up
+  probability mass (so a head may attend to nothing) and is dropped afterwards.
+  """
+  head_dim = q.shape[-1]
+  scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * head_dim ** -0.5  # [B, K, G, T, S]
+  scores = jnp.where(visible(q_pos, k_pos, window)[:, None, None], scores, MASKED)
+  if sinks is not None:
+    sink_column = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, :, None, None],
+                                   scores.shape[:-1] + (1,))  # [B, K, G, T, 1]
+    scores = jnp.concatenate([scores, sink_column], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if sinks is not None:
+    probs = probs[..., :-1]  # the sink's share goes nowhere
+  return jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", in_order: bool = False):
+  """`attention`, or its blocked kernel when `impl` (the config's attention_impl) picks it.
+
+  `in_order` promises that keys are the queries' own tokens at positions 0..T-1; the kernel then
+  skips key blocks that no query of a block can see.
+  """
+  if choices.attention_impl(impl) == "plain":
+    return attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks)
+  return blocked_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
+                           in_order=in_order)
+
+
+def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: int | None,
+                      sinks: jax.Array | None, impl: str = "auto", in_order: bool = False
+                      ) -> tuple[jax.Array, LayerCache | None]:
+  """Attention of new tokens over themselves (no cache) or over cache + themselves.
+
+  q [B, T, K, G, H]; k, v [B, T, K, H] for the new tokens. `in_order`: positions are 0..T-1.
+  """
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+  options = dict(window=window, sinks=sinks, impl=impl)
+  if cache is None:
+    return attend(q, k, v, positions, positions, in_order=in_order, **options), None
+  if window is None:
+    # Full layer: the cache has a slot for every position, so write first and read it whole.
+    cache = cache_write(cache, k, v, positions)
+    return attend(q, cache.k, cache.v, positions, cache.pos, **options), cache
+  # Sliding layer: the ring holds only the last `window` positions, and a multi-token write
+  # would evict keys that this chunk's earlier queries still need; read ring + chunk, then write.
+  keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=2)  # [B, K, S + T, H]
+  values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=2)
+  key_pos = jnp.concatenate([cache.pos, positions.astype(jnp.int32)], axis=1)
+  out = attend(q, keys, values, positions, key_pos, **options)
+  return out, cache_write(cache, k, v, positions)
+
+
+class Attention(nnx.Module):
+  """GPT-OSS attention block: RMSNorm, fused qkv, RoPE/YaRN, sinks, GQA, output projection."""
+
+  def __init__(self, cfg: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
+    self.num_heads = cfg.num_attention_heads
+    self.kv_heads = cfg.num_key_value_heads
+    self.head_dim = cfg.head_dim
+    self.window = cfg.layer_window(layer)
+    self.impl = cfg.attention_impl
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
+    qkv_size = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    self.qkv = linear(cfg.hidden_size, qkv_size, matmul_impl=cfg.matmul_impl, dtype=dtype,
+                      param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
+    # Sinks start at 0: one extra "key" scoring like an average key, which the model can raise
+    # (heads that should rest) or push towards -inf (plain softmax).
+    self.sinks = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype))
+    self.out = linear(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size,
+                      matmul_impl=cfg.matmul_impl, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
+               cache: LayerCache | None = None, *, in_order: bool = False
+               ) -> tuple[jax.Array, LayerCache | None]:
+    batch, length, _ = x.shape
+    groups = self.num_heads // self.kv_heads
+    qkv = self.qkv(self.norm(x))
+    q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+    # Query head n = k * G + g shares kv head k, as in the reference's view(T, K, G, H).
+    q = qkv[..., :q_size].reshape(batch, length, self.kv_heads, groups, self.head_dim)  # [B, T, K, G, H]
+    k = qkv[..., q_size:q_size + kv_size].reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
+    v = qkv[..., q_size + kv_size:].reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    sinks = self.sinks[...].reshape(self.kv_heads, groups)  # [K, G]
+    out, cache = attend_with_cache(q, k, v, positions, cache, window=self.window, sinks=sinks,
+                                   impl=self.impl, in_order=in_order)
+    out = out.reshape(batch, length, self.num_heads * self.head_dim)  # [B, T, N * H]
+    return self.out(out), cache

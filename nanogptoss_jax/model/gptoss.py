@@ -1,0 +1,93 @@
+"""The GPT-OSS transformer in Flax NNX (same math as OpenAI's `gpt_oss.torch.model`, batched)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanogptoss_jax.model.attention import Attention
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.kv_cache import LayerCache, empty_cache
+from nanogptoss_jax.model.layers import RMSNorm, dtype_of, normal_init
+from nanogptoss_jax.model.moe import MoE
+from nanogptoss_jax.model.output import ModelOutput, default_positions
+from nanogptoss_jax.model.params import count_params, param_size
+from nanogptoss_jax.model.rope import rope_tables, rope_tables_in_order
+from nanogptoss_jax.model.unembedding import Unembedding
+
+# The parameters that exist once per expert, stacked along a leading [E] axis.
+EXPERT_PARAMS = ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias")
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: attention (sliding on even layers) then the MoE MLP."""
+
+  def __init__(self, cfg: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
+    self.attn = Attention(cfg, layer, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, rope, cache=None, *, in_order=False):
+    attn_out, cache = self.attn(x, positions, rope, cache, in_order=in_order)
+    x = x + attn_out
+    mlp_out, stats = self.mlp(x)
+    return x + mlp_out, cache, stats
+
+
+class GptOss(nnx.Module):
+  """Token ids [B, T] -> logits [B, T, V]."""
+
+  def __init__(self, cfg: GptOssConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    self.embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                               param_dtype=param_dtype, embedding_init=normal_init(), rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, layer, rngs=rngs) for layer in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.unembedding = Unembedding(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
+                                   param_dtype=cfg.param_dtype, loss_impl=cfg.loss_impl,
+                                   rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self.forward(tokens).logits
+
+  def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
+              cache: list[LayerCache] | None = None, *, unembed: bool = True) -> ModelOutput:
+    """Logits for tokens [B, T] at `positions` [B, T] (default 0..T-1; negative = padding)."""
+    in_order = positions is None  # then attention may skip key blocks that follow the queries
+    if in_order:
+      positions = default_positions(tokens)
+    # Shared by every layer; with implied positions every row has the same table: [1, T, H/2].
+    rope = (rope_tables_in_order(self.cfg, tokens.shape[1]) if in_order
+            else rope_tables(self.cfg, positions))
+    x = self.embedding(tokens)  # [B, T, D]
+    new_cache, stats = [], []
+    for layer, block in enumerate(self.blocks):
+      x, layer_cache, layer_stats = block(x, positions, rope, None if cache is None else cache[layer],
+                                          in_order=in_order)
+      new_cache.append(layer_cache)
+      stats.append(layer_stats)
+    hidden = self.norm(x)
+    logits = self.unembedding(hidden) if unembed else None  # [B, T, V] float32
+    aux = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+    return ModelOutput(logits=logits, hidden=hidden, cache=None if cache is None else new_cache,
+                       aux=aux)
+
+  def init_cache(self, batch: int, max_length: int) -> list[LayerCache]:
+    """An empty cache for `max_length` positions; sliding layers keep only a window-sized ring."""
+    cfg = self.cfg
+    slots = [min(cfg.layer_window(layer) or max_length, max_length)
+             for layer in range(cfg.num_hidden_layers)]
+    return [empty_cache(batch, s, cfg.num_key_value_heads, cfg.head_dim, dtype_of(cfg.dtype))
+            for s in slots]
+
+  def param_counts(self) -> dict[str, int]:
+    """{"total": all parameters, "active": those one token's forward pass uses}.
+
+    Works on an abstract model (`nnx.eval_shape`). Active counts the embedding and unembedding
+    in full, as every non-expert parameter; OpenAI's model card leaves the embedding table out
+    of its "active" figure (3.6B for gpt-oss-20b); ours is that plus vocab_size * hidden_size.
+    """
+    total = count_params(self)
+    experts = sum(param_size(getattr(block.mlp, name)) for block in self.blocks
+                  for name in EXPERT_PARAMS)
+    unused = self.cfg.num_experts - self.cfg.experts_per_token
+    return {"total": total, "active": total - experts * unused // self.cfg.num_experts}

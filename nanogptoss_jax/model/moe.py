@@ -1,0 +1,133 @@
+"""Mixture-of-experts MLP: a router picks each token's top-k experts, a softmax over their
+logits weighs them, and each expert is a clamped SwiGLU MLP with biases.
+
+`dense_experts` below is the plain math (every expert on every token, combined with zero weight
+off the top-k); the sparse dispatches that cost O(experts_per_token) live in
+`kernels/moe_dispatch.py`, picked by the config's `moe_impl` (`model/choices.py`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanogptoss_jax.kernels import moe_dispatch
+from nanogptoss_jax.model import choices
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.layers import (RMSNorm, dtype_of, linear, matmul_for, normal_init,
+                                         residual_init)
+
+SWIGLU_ALPHA = 1.702
+
+
+def swiglu(h: jax.Array, limit: float) -> jax.Array:
+  """The reference's clamped SwiGLU on interleaved channels [..., 2F] -> [..., F]."""
+  gate, linear_part = h[..., ::2], h[..., 1::2]
+  # Clamping keeps rare huge activations from blowing up (gate only from above, since
+  # gate * sigmoid(gate) is already ~0 for very negative gates).
+  gate = jnp.minimum(gate, limit)
+  linear_part = jnp.clip(linear_part, -limit, limit)
+  # `linear + 1`: the reference's extra bias of one on the linear branch.
+  return gate * jax.nn.sigmoid(SWIGLU_ALPHA * gate) * (linear_part + 1)
+
+
+def route(logits: jax.Array, experts_per_token: int) -> tuple[jax.Array, jax.Array]:
+  """Router logits [..., E] -> (top experts [..., C], their weights [..., C]).
+
+  The softmax runs over the C chosen logits only, so a token's weights sum to one.
+  """
+  top_logits, top_experts = jax.lax.top_k(logits, experts_per_token)
+  return top_experts, jax.nn.softmax(top_logits, axis=-1)
+
+
+def dense_experts(t, top_experts, top_weights, weights, *, activation, matmul) -> jax.Array:
+  """Every expert on every token t [N, D], combined with zero weight off the top-k -> [N, D]."""
+  w1, b1, w2, b2 = weights
+  num_experts = w1.shape[0]
+  # Experts as a batch axis of both operands: each expert's [D, 2F] slice feeds a plain
+  # matmul where it lies (contracting x with [E, D, 2F] directly transposes a weight copy).
+  t = jnp.broadcast_to(t, (num_experts, *t.shape))  # [E, N, D]
+  h = matmul(t, w1) + b1[:, None]  # [E, N, 2F]
+  y = matmul(activation(h), w2) + b2[:, None]  # [E, N, D]
+  rows = jnp.arange(t.shape[1])[:, None]
+  combine = jnp.zeros((t.shape[1], num_experts), jnp.float32)
+  combine = combine.at[rows, top_experts].set(top_weights)  # [N, E]
+  return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
+
+
+EXPERT_FUNCTIONS = {"dense": dense_experts, "sorted": moe_dispatch.sorted_experts,
+                    "ragged": moe_dispatch.ragged_experts}
+
+
+def dispatch_groups() -> int:
+  """Tokens reach experts within one group per device of the mesh being traced under (1 with
+  none): with the batch split over devices, each sorts and multiplies its own tokens."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else mesh.size
+
+
+class MoE(nnx.Module):
+  """GPT-OSS MLP block: RMSNorm, router with bias, top-k softmax, SwiGLU experts with biases."""
+
+  def __init__(self, cfg: GptOssConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    experts, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    self.norm = RMSNorm(hidden, param_dtype=cfg.param_dtype, rngs=rngs)
+    # The router runs in float32 whatever the compute dtype: top-k on bf16 logits ties often.
+    self.gate = linear(hidden, experts, matmul_impl=cfg.matmul_impl, dtype=jnp.float32,
+                       param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
+    # Layouts are [E, in, out] (the reference stores [E, out, in]); mlp1's 2F output channels
+    # interleave gate and linear units, as in the reference.
+    self.mlp1_weight = nnx.Param(normal_init()(rngs.params(), (experts, hidden, 2 * inter), param_dtype))
+    self.mlp1_bias = nnx.Param(jnp.zeros((experts, 2 * inter), param_dtype))
+    self.mlp2_weight = nnx.Param(residual_init(cfg.num_hidden_layers)(
+        rngs.params(), (experts, inter, hidden), param_dtype))
+    self.mlp2_bias = nnx.Param(jnp.zeros((experts, hidden), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *, groups: int | None = None, impl: str | None = None
+               ) -> tuple[jax.Array, dict]:
+    """x [B, T, D] -> (MLP output [B, T, D], router statistics for the auxiliary losses).
+
+    Tokens reach experts within `groups` equal slices of the batch (default: dispatch_groups).
+    """
+    batch, length, hidden = x.shape
+    groups = groups or dispatch_groups()
+    if batch % groups:
+      raise ValueError(f"MoE groups={groups} must divide the batch size {batch}")
+    t = self.norm(x).reshape(groups, batch * length // groups, hidden)  # [groups, N / groups, D]
+    logits = self.gate(t.astype(jnp.float32))  # [groups, N / groups, E]
+    top_experts, top_weights = route(logits, self.cfg.experts_per_token)  # [groups, N / groups, C]
+    impl = choices.moe_impl(impl or self.cfg.moe_impl, t.shape[1], self.cfg.num_experts,
+                            self.cfg.experts_per_token)
+    options = dict(activation=functools.partial(swiglu, limit=self.cfg.swiglu_limit))
+    if impl != "ragged":
+      options["matmul"] = matmul_for(self.cfg.matmul_impl)
+    expert_fn = functools.partial(EXPERT_FUNCTIONS[impl], **options)
+    weights = tuple(p[...].astype(self.dtype) for p in
+                    (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias))
+    weight_axis = None
+    if impl == "ragged":
+      # ragged_dot's batching rule wants every operand batched along axis 0.
+      weights = tuple(jnp.broadcast_to(w, (groups, *w.shape)) for w in weights)
+      weight_axis = 0
+    out = jax.vmap(expert_fn, in_axes=(0, 0, 0, weight_axis))(
+        t.astype(self.dtype), top_experts, top_weights, weights)  # [groups, N / groups, D]
+    num_experts, per_token = logits.shape[-1], top_experts.shape[-1]
+    stats = router_stats(logits.reshape(-1, num_experts), top_experts.reshape(-1, per_token))
+    return out.reshape(batch, length, hidden).astype(x.dtype), stats
+
+
+def router_stats(logits: jax.Array, top_experts: jax.Array) -> dict:
+  """Per-layer load-balancing (Switch) and z-loss (ST-MoE) terms, and each expert's load."""
+  num_experts = logits.shape[-1]
+  probs = jax.nn.softmax(logits, axis=-1)  # [N, E]
+  load = jnp.bincount(top_experts.reshape(-1), length=num_experts) / top_experts.size  # [E]
+  return {
+      # E * sum_e (fraction of assignments to e) * (mean router probability of e); 1 when even.
+      "load_balance_loss": num_experts * jnp.sum(jax.lax.stop_gradient(load) * probs.mean(0)),
+      "router_z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+      "expert_load": load,
+  }

@@ -1,0 +1,1 @@
+"""Generation with a KV cache: the sampler's math, the jitted decode loop, text in and out."""

@@ -1,0 +1,199 @@
+"""Orbax checkpoints of the whole run: train state, data-iterator state, config, tokenizer.
+
+Layout under the run directory: `checkpoints/<step>/` (the last K, periodic) and `best/<step>/`
+(lowest validation loss). Orbax writes each step into a temporary directory and renames it when
+complete, so a crash mid-save leaves nothing that looks like a checkpoint.
+"""
+
+import dataclasses
+import logging
+import math
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from nanogptoss_jax.data.tokenizer import Tokenizer
+from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.training.config_io import config_from_dict, config_to_dict
+from nanogptoss_jax.training.run_config import RunConfig
+from nanogptoss_jax.training.state import abstract_train_state
+
+ITEMS = ("state", "data", "meta")
+PERIODIC_DIR, BEST_DIR = "checkpoints", "best"
+UNREADABLE_DIR = "unreadable"  # where a resume moves the periodic steps it could not read
+
+
+class CheckpointError(UserError, RuntimeError):
+  """No usable checkpoint where one was expected."""
+
+
+def _is_key(leaf) -> bool:
+  return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+  """Typed PRNG keys (dropout streams) stored as their raw uint32 data."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_keys_to_data(tree):
+  return jax.tree.map(
+      lambda x: jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x, tree)
+
+
+def _key_impl(ref):
+  # An abstract key (ShapeDtypeStruct) carries its PRNG implementation only in its dtype.
+  return ref.dtype._impl if isinstance(ref, jax.ShapeDtypeStruct) else jax.random.key_impl(ref)
+
+
+def _data_to_keys(tree, like):
+  return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref))
+                      if _is_key(ref) else x, tree, like)
+
+
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
+class RunCheckpoints:
+  """Periodic and best-validation checkpoint managers for one run directory."""
+
+  def __init__(self, run_dir: str | pathlib.Path, keep: int = 3):
+    root = self.root = pathlib.Path(run_dir).absolute()
+    options = dict(create=True, enable_async_checkpointing=True)
+    # Orbax names its cross-process barriers after the step, so with several processes the two
+    # managers saving the same step would join each other's barriers ("already ongoing") and
+    # hang until timeout; a distinct prefix per manager keeps them apart.
+    self.periodic = ocp.CheckpointManager(
+        root / PERIODIC_DIR, item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options,
+                                             multiprocessing_options=_barrier_prefix(PERIODIC_DIR)))
+    self.best = ocp.CheckpointManager(
+        root / BEST_DIR, item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options,
+                                             multiprocessing_options=_barrier_prefix(BEST_DIR)))
+
+  def save(self, step: int, state, data_state: dict, meta: dict, *, best: bool = False) -> None:
+    managers = [self.periodic] + ([self.best] if best else [])
+    for manager in managers:
+      if step in manager.all_steps():
+        continue
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_keys_to_data(state)),
+          data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    self.periodic.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.periodic.close()
+    self.best.close()
+
+  def latest_step(self) -> int | None:
+    return self.periodic.latest_step()
+
+  def best_val_loss(self) -> float:
+    """The validation loss the best checkpoint was saved with (inf when there is none)."""
+    if not self.best.all_steps():
+      return math.inf
+    try:
+      _, _, _, meta = restore(self.best, None, meta_only=True)
+    except CheckpointError:
+      return math.inf
+    return meta["metrics"].get("val_loss", math.inf)
+
+  def set_aside_newer_than(self, step: int) -> None:
+    """Moves the periodic steps after `step` (those a resume could not read) to unreadable/.
+
+    Left in place, the newest would still count as the latest step, and the resumed run would
+    skip saving when it reaches that step again. Moved, they are kept for the user to inspect.
+    """
+    newer = [s for s in self.periodic.all_steps() if s > step]
+    if not newer:
+      return
+    if jax.process_index() == 0:
+      for newer_step in newer:
+        source = self.root / PERIODIC_DIR / str(newer_step)
+        target = self.root / UNREADABLE_DIR / f"{PERIODIC_DIR}-{newer_step}"
+        suffix = 1
+        while target.exists():  # an earlier resume may have set aside the same step
+          target, suffix = target.with_name(f"{PERIODIC_DIR}-{newer_step}.{suffix}"), suffix + 1
+        target.parent.mkdir(exist_ok=True)
+        shutil.move(source, target)
+        logging.warning("moved unreadable checkpoint %s to %s", source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("nanogptoss_jax:set_aside_unreadable")
+    self.periodic.reload()
+
+
+def _first_local_device() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool = False):
+  """(step, state, data_state, meta) from the newest readable step; older steps are fallbacks.
+
+  A step that fails to restore (truncated or corrupted files) is reported and skipped, never
+  deleted: the user may still want it.
+  """
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      if meta_only:
+        items = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return step, None, None, items["meta"]
+      # A leaf without a target sharding gets the saved one, which names the devices of the
+      # run that wrote it (another mesh, other processes) and cannot be rebuilt on a different
+      # topology; such leaves land on this process's first device instead.
+      items = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state),
+                                         fallback_sharding=_first_local_device()),
+          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      state = _data_to_keys(items["state"], abstract_state)
+      return step, state, items["data"], items["meta"]
+    except Exception as error:  # noqa: BLE001 - any failure means "this step is unusable"
+      logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
+                      step, manager.directory, error)
+      failures.append(f"step {step}: {type(error).__name__}: {error}")
+  if failures:
+    raise CheckpointError(f"no readable checkpoint in {manager.directory}; every step failed:\n  "
+                          + "\n  ".join(failures) + "\nThe files were left in place.")
+  return None
+
+
+def make_meta(cfg: RunConfig, tokenizer: Tokenizer, step: int, metrics: dict[str, Any]) -> dict:
+  return {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_dict(), "step": step,
+          "metrics": metrics}
+
+
+def read_meta(meta: dict) -> tuple[RunConfig, Tokenizer]:
+  return config_from_dict(meta["config"]), Tokenizer.from_dict(meta["tokenizer"])
+
+
+def load_checkpoint(run_dir: str | pathlib.Path):
+  """(model, tokenizer) from a run directory: its best-validation checkpoint, else the latest."""
+  root = pathlib.Path(run_dir)
+  for sub in (BEST_DIR, PERIODIC_DIR):
+    if (root / sub).is_dir():
+      manager = ocp.CheckpointManager(root.absolute() / sub, item_names=ITEMS,
+                                      options=ocp.CheckpointManagerOptions(read_only=True))
+      if manager.all_steps():
+        break
+  else:
+    raise CheckpointError(f"no checkpoint under {root} (expected {root}/{BEST_DIR}/<step> or "
+                          f"{root}/{PERIODIC_DIR}/<step>); train one with `python train.py "
+                          f"--config configs/nano.py --config.run_dir={root}`")
+  _, _, _, meta = restore(manager, None, meta_only=True)
+  cfg, tokenizer = read_meta(meta)
+  # generate()'s default stop ids come from the tokenizer: a compact vocabulary numbers
+  # <|endoftext|> differently.
+  cfg = dataclasses.replace(cfg, model=cfg.model.replace(stop_tokens=tuple(tokenizer.stop_ids)))
+  graphdef, abstract_state, _ = abstract_train_state(cfg)
+  _, state, _, _ = restore(manager, abstract_state)
+  return nnx.merge(graphdef, state.params, state.rest), tokenizer

@@ -1,0 +1,295 @@
+"""The training loop: data, mesh, jitted step, evals, samples, logs, checkpoints, resume."""
+
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from nanogptoss_jax.data.streams import prepare_data
+from nanogptoss_jax.data.tokenizer import Tokenizer
+from nanogptoss_jax.data.windows import make_train_iterator, val_windows
+from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.model.config import ConfigError
+from nanogptoss_jax.model.registry import build_model
+from nanogptoss_jax.sampling.text import generate_text
+from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.training import mesh as sharding
+from nanogptoss_jax.training.config_io import config_to_dict
+from nanogptoss_jax.training.metrics_log import MetricsLog
+from nanogptoss_jax.training.optimizer import lr_schedule
+from nanogptoss_jax.training.plots import plot_run
+from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
+from nanogptoss_jax.training.state import abstract_train_state, init_train_state
+from nanogptoss_jax.training.step import make_eval_step, make_train_step
+from nanogptoss_jax.training.stop_request import StopRequest
+
+PLOT_FILE = "loss.png"
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+  """The loss became NaN or Inf."""
+
+
+# Settings a resume must keep: `data` and `model` shape the stream and the state, and these
+# train settings fix where the saved data position points (it counts batches of one size, over
+# windows cut at one length, in one seed's shuffle order). The optimizer and the step count may
+# change (e.g. a lower learning rate after a divergence).
+RESUME_TRAIN_KEYS = ("seed", "batch_size", "context_len")
+
+
+def _check_compatible(cfg: RunConfig, saved: dict, run_dir: pathlib.Path) -> None:
+  current = json.loads(json.dumps(config_to_dict(cfg)))  # as saved: tuples become lists
+  pairs = [(section, saved[section], current[section]) for section in ("model", "data")]
+  pairs.append(("train", {key: saved["train"][key] for key in RESUME_TRAIN_KEYS},
+                {key: current["train"][key] for key in RESUME_TRAIN_KEYS}))
+  for section, before, now in pairs:
+    if before != now:
+      raise ConfigError(
+          f"{run_dir} holds a run with a different {section} config, so it cannot be resumed "
+          f"with this one.\n  saved:   {before}\n  current: {now}\n"
+          f"Use another --config.run_dir, or move that directory away (nothing was deleted).")
+
+
+class Trainer:
+  """One training run; `run()` trains (or resumes) to cfg.train.steps and returns final metrics."""
+
+  def __init__(self, cfg: RunConfig, *, progress: bool = True):
+    sharding.maybe_initialize_distributed()
+    validate_run_config(cfg)
+    self.cfg, self.progress = cfg, progress
+    self.run_dir = pathlib.Path(cfg.run_dir)
+    self.is_main = jax.process_index() == 0
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    self.checkpoints = ckpt.RunCheckpoints(self.run_dir, cfg.train.keep_checkpoints)
+    self.log = MetricsLog(self.run_dir, self.is_main)
+
+    resume = self._read_resume_meta()
+    saved_tokenizer = Tokenizer.from_dict(resume["tokenizer"]) if resume else None
+    self.tokenizer, self.train_stream, self.val_stream = prepare_data(cfg.data, saved_tokenizer)
+
+    self.mesh = sharding.make_mesh(cfg.train.fsdp)
+    self.graphdef, abstract_state, tx = abstract_train_state(cfg)
+    self.state_shardings = sharding.state_shardings(self.mesh, abstract_state)
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+    if micro_batch % self.mesh.size:
+      raise ConfigError(
+          f"a micro-batch of train.batch_size={cfg.train.batch_size} / train.grad_accum="
+          f"{cfg.train.grad_accum} = {micro_batch} rows cannot be split evenly over "
+          f"{self.mesh.size} devices; make it a multiple of {self.mesh.size}")
+    self.val_data = val_windows(self.val_stream, cfg.train.context_len, cfg.data.val_windows)
+    if len(self.val_data) < micro_batch:
+      raise ConfigError(
+          f"evaluation needs at least one batch of {micro_batch} validation windows of "
+          f"train.context_len={cfg.train.context_len} tokens, but there are only "
+          f"{len(self.val_data)} (data.val_windows={cfg.data.val_windows}, capped by the "
+          f"validation split's size); raise --config.data.val_windows or lower "
+          f"--config.train.batch_size")
+    self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))  # [accum, B, T+1]
+    self.eval_sharding = sharding.batch_sharding(self.mesh)
+    self.train_step = jax.jit(
+        make_train_step(self.graphdef, cfg, tx, self.mesh),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, None), donate_argnums=0)
+    eval_fn = make_eval_step(self.graphdef, self.mesh)
+    self.eval_step = jax.jit(eval_fn, in_shardings=(self.state_shardings.params,
+                                                     self.state_shardings.rest, self.eval_sharding))
+
+    self.data_iter = make_train_iterator(
+        self.train_stream, cfg.train.context_len, cfg.train.batch_size, cfg.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    self.best_val = math.inf
+    if resume:
+      step, state, data_state, meta = ckpt.restore(
+          self.checkpoints.periodic, self._with_shardings(abstract_state))
+      self.state = state
+      self.data_iter.set_state(data_state)
+      self.checkpoints.set_aside_newer_than(step)
+      # After falling back past an unreadable step, the best checkpoint may be newer (and
+      # better) than the step resumed from: a worse validation loss must not replace it.
+      self.best_val = min(meta["metrics"].get("best_val_loss", math.inf),
+                          self.checkpoints.best_val_loss())
+      self.log.truncate_after(step)
+      logging.info("resumed %s at step %d", self.run_dir, step)
+    else:
+      self.log.set_aside()  # a run that crashed before its first checkpoint left rows there
+      init = lambda: init_train_state(build_model(cfg.model, cfg.train.seed), tx)
+      self.state = jax.jit(init, out_shardings=self.state_shardings)()
+    self.lr_schedule = lr_schedule(cfg.optim, cfg.train.steps)
+    self._recent_losses, self._tokens_per_s = [], 0.0
+    self._reset_clock()
+
+  def _with_shardings(self, abstract_state):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, self.state_shardings)
+
+  def _read_resume_meta(self) -> dict | None:
+    if self.checkpoints.latest_step() is None:
+      return None
+    _, _, _, meta = ckpt.restore(self.checkpoints.periodic, None, meta_only=True)
+    _check_compatible(self.cfg, meta["config"], self.run_dir)
+    return meta
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.cfg.train.batch_size * self.cfg.train.context_len
+
+  def model(self):
+    """The current model (a view on the train state's arrays)."""
+    return nnx.merge(self.graphdef, self.state.params, self.state.rest)
+
+  def _next_batch(self) -> jax.Array:
+    local = np.asarray(next(self.data_iter), dtype=np.int32)  # [b, T + 1] this process's rows
+    local = local.reshape(self.cfg.train.grad_accum, -1, local.shape[-1])  # [accum, b / accum, T + 1]
+    return sharding.global_batch(local, self.batch_sharding)
+
+  def evaluate(self) -> dict:
+    """Validation loss (nats/token) and bits-per-byte over the fixed validation windows."""
+    batch_size = self.cfg.train.batch_size // self.cfg.train.grad_accum
+    # Whole batches only, so one shape compiles (__init__ checked there is at least one).
+    count = len(self.val_data) // batch_size * batch_size
+    total = 0.0
+    per_process = batch_size // jax.process_count()
+    for start in range(0, count, batch_size):
+      rows = self.val_data[start + jax.process_index() * per_process:][:per_process]
+      batch = sharding.global_batch(rows.astype(np.int32), self.eval_sharding)
+      total += float(self.eval_step(self.state.params, self.state.rest, batch))
+    val_loss = total / (count * self.cfg.train.context_len)
+    bits_per_byte = val_loss / math.log(2) / self.val_stream.bytes_per_token
+    return {"val_loss": val_loss, "val_bpb": bits_per_byte}
+
+  def sample(self) -> str:
+    train = self.cfg.train
+    return generate_text(self.model(), self.tokenizer, train.sample_prompt, train.sample_tokens,
+                         temperature=0.8, top_k=50, seed=self.step)
+
+  def _save(self, metrics: dict, best: bool = False) -> None:
+    meta = ckpt.make_meta(self.cfg, self.tokenizer, self.step,
+                          metrics | {"best_val_loss": self.best_val})
+    self.checkpoints.save(self.step, self.state, self.data_iter.get_state(), meta, best=best)
+
+  def run(self, until: int | None = None) -> dict:
+    """Trains to cfg.train.steps and returns the last metrics.
+
+    Stops early, after saving, at step `until` (to train in slices, e.g. from a notebook) or on
+    SIGTERM/SIGINT; the same config then resumes exactly where it stopped.
+    """
+    cfg = self.cfg.train
+    until = min(until or cfg.steps, cfg.steps)
+    if self.step >= cfg.steps:
+      logging.info("run in %s is already at step %d of %d", self.run_dir, self.step, cfg.steps)
+      return self._finish(self.evaluate())
+    self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    disable=not (self.progress and self.is_main))
+    last, pending = {}, None  # pending: (step, device metrics), fetched after the next dispatch
+    multiprocess = jax.process_count() > 1
+    signals = (signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)
+    with StopRequest(signals) as stop:
+      while self.step < until and not stop.requested:
+        first = pending is None and not last
+        self.state, metrics = self.train_step(self.state, self._next_batch())
+        if first:
+          self._reset_clock()  # the first call compiled; don't count that as training time
+        if pending:
+          last = self._record(*pending)
+        pending, step = (self.step, metrics), self.step
+        # SIGTERM to any process (JAX's preemption service listens for it) stops every process
+        # at the same step, the first one all of them reach after the notice.
+        if multiprocess and multihost_utils.reached_preemption_sync_point(step):
+          stop.requested = True
+        at_eval = step % cfg.eval_every == 0 or step == cfg.steps
+        if at_eval or step % cfg.ckpt_every == 0 or step == until or stop.requested:
+          # Only a state whose loss was seen finite is evaluated or saved.
+          last, pending = self._record(*pending), None
+          if at_eval:
+            last |= self._eval_and_log(step)
+          else:
+            self._save(last)
+          self._reset_clock()
+    self.bar.close()
+    if self.step < cfg.steps:
+      logging.warning("stopped: step %d saved in %s; rerun the same command to resume",
+                      self.step, self.run_dir)
+      self.checkpoints.wait()
+      return last
+    return self._finish(last)
+
+  def _reset_clock(self) -> None:
+    self._clock, self._clock_step = time.perf_counter(), self.step
+
+  def _record(self, step: int, metrics: dict) -> dict:
+    """Fetches one step's metrics, stops on NaN/Inf, logs every log_every steps."""
+    metrics = jax.device_get(metrics)
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      self.checkpoints.wait()
+      saved = self.checkpoints.latest_step()
+      raise TrainingDivergedError(
+          f"loss became {loss} at step {step} (grad norm {grad_norm}). The last good checkpoint "
+          f"({'step ' + str(saved) if saved is not None else 'none yet'}) in {self.run_dir} is "
+          f"intact. Try a lower --config.optim.lr or a longer --config.optim.warmup_steps, then "
+          f"rerun the same command: it resumes from that checkpoint.")
+    self._recent_losses.append(loss)
+    row = {"step": step, "tokens": step * self.tokens_per_step, "loss": loss,
+           "grad_norm": grad_norm, "lr": float(self.lr_schedule(step - 1))}
+    for key in ("load_balance_loss", "router_z_loss"):
+      if key in metrics:
+        row[key] = float(metrics[key])
+    if "expert_load" in metrics:
+      row["expert_load"] = np.round(metrics["expert_load"], 4).tolist()  # [L, E]
+    elapsed = time.perf_counter() - self._clock
+    if step > self._clock_step and elapsed > 0:
+      self._tokens_per_s = (step - self._clock_step) * self.tokens_per_step / elapsed
+    row["tokens_per_s"] = self._tokens_per_s
+    self.bar.update(step - self.bar.n)
+    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._tokens_per_s:,.0f}")
+    if step % self.cfg.train.log_every == 0:
+      self.log.write(row)
+    return row
+
+  def _eval_and_log(self, step: int) -> dict:
+    result = self.evaluate()
+    if self._recent_losses:
+      result["train_loss"] = float(np.mean(self._recent_losses))
+      self._recent_losses.clear()
+    best = result["val_loss"] < self.best_val
+    self.best_val = min(self.best_val, result["val_loss"])
+    if self.cfg.train.sample_tokens > 0:  # 0 turns the eval-time sample off
+      result["sample"] = self.sample()
+    self.log.write({"step": step, "tokens": step * self.tokens_per_step} | result)
+    if self.is_main:
+      tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, "
+                 f"val bpb {result['val_bpb']:.4f}\n  sample: {result.get('sample', '')!r}")
+    self._save(result, best=best)
+    return result
+
+  def _finish(self, last: dict) -> dict:
+    self.checkpoints.wait()
+    if self.is_main and self.log.path.exists():
+      plot_run(self.log.path, self.run_dir / PLOT_FILE)
+    return last
+
+  def close(self) -> None:
+    self.checkpoints.wait()
+    self.checkpoints.close()
+
+
+def train(cfg: RunConfig, *, progress: bool = True) -> dict:
+  """Trains (or resumes) the run that cfg describes; returns the last metrics."""
+  trainer = Trainer(cfg, progress=progress)
+  try:
+    return trainer.run()
+  finally:
+    trainer.close()

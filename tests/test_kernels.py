@@ -1,0 +1,117 @@
+"""Every fast path in kernels/ equals its plain twin in model/ (values and gradients), and a
+whole model with every `*_impl="plain"` equals the default one."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanogptoss_jax import Gpt2, Gpt2Config, GptOss, GptOssConfig
+from nanogptoss_jax.kernels.attention import QUERY_BLOCK
+from nanogptoss_jax.kernels.cross_entropy import unembed_cross_entropy
+from nanogptoss_jax.model.attention import attend, attention
+from nanogptoss_jax.model.unembedding import plain_cross_entropy
+from nanogptoss_jax.training.step import token_losses
+from tests.reference import relative_error
+from tests.test_model_properties import _random_module
+
+TOLERANCE = 1e-5
+PLAIN = dict(attention_impl="plain", matmul_impl="plain", loss_impl="plain")
+
+
+def _normal(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).normal(0.0, 1.0, shape), jnp.float32)
+
+
+def _assert_close(ours, theirs, what):
+  err = relative_error(ours, theirs)
+  assert err <= TOLERANCE, f"{what}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("groups, window, length, sinks", [
+    (1, None, 2 * QUERY_BLOCK + 5, False),  # GPT-2: no sink, no window
+    (2, 1, QUERY_BLOCK + 9, True),
+    (4, 16, 2 * QUERY_BLOCK + 37, True),
+    (8, QUERY_BLOCK + 3, 3 * QUERY_BLOCK, True),
+    (3, 500, 70, True),  # a window longer than the sequence
+])
+def test_blocked_attention_equals_plain_attention(groups, window, length, sinks):
+  batch, kv_heads, head_dim = 2, 2, 8
+  q = _normal((batch, length, kv_heads, groups, head_dim), 0)
+  k, v = _normal((2, batch, kv_heads, length, head_dim), 1)
+  sink = _normal((kv_heads, groups), 2) if sinks else None
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  upstream = _normal(q.shape, 3)
+
+  def loss(impl, in_order, q, k, v, sink):
+    out = attend(q, k, v, positions, positions, window=window, sinks=sink, impl=impl,
+                 in_order=in_order)
+    return jnp.sum(out * upstream), out
+
+  argnums = (2, 3, 4, 5) if sinks else (2, 3, 4)
+  grad = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True), static_argnums=(0, 1))
+  plain_grads, plain_out = grad("plain", False, q, k, v, sink)
+  for in_order in (False, True):
+    grads, out = grad("blocked", in_order, q, k, v, sink)
+    _assert_close(out, plain_out, f"output (in_order={in_order})")
+    for name, ours, theirs in zip(("dq", "dk", "dv", "dsink"), grads, plain_grads):
+      _assert_close(ours, theirs, f"{name} (in_order={in_order})")
+
+
+def test_plain_attention_with_padding_and_cache_positions():
+  """Keys at unknown positions (-1) and a query row of padding: both paths agree and stay finite."""
+  q = _normal((1, 3, 1, 2, 4), 0)
+  k, v = _normal((2, 1, 1, 5, 4), 1)
+  q_pos = jnp.asarray([[3, 4, -1]])
+  k_pos = jnp.asarray([[0, 1, -1, 3, 4]])
+  sinks = _normal((1, 2), 2)
+  plain = attention(q, k, v, q_pos, k_pos, window=2, sinks=sinks)
+  blocked = attend(q, k, v, q_pos, k_pos, window=2, sinks=sinks, impl="blocked")
+  assert np.isfinite(np.asarray(plain)).all()
+  _assert_close(blocked[:, :2], plain[:, :2], "output")
+
+
+def test_fused_cross_entropy_equals_plain():
+  hidden, kernel = _normal((37, 16), 0), _normal((16, 301), 1) * 3
+  labels = jnp.asarray(np.random.default_rng(2).integers(0, 301, 37))
+  upstream = _normal((37,), 3)
+  loss = lambda fn: lambda h, w: jnp.sum(fn(h, w, labels) * upstream)
+  for ours, theirs in zip(jax.grad(loss(unembed_cross_entropy), (0, 1))(hidden, kernel),
+                          jax.grad(loss(plain_cross_entropy), (0, 1))(hidden, kernel)):
+    _assert_close(ours, theirs, "gradient")
+  _assert_close(unembed_cross_entropy(hidden, kernel, labels),
+                plain_cross_entropy(hidden, kernel, labels), "loss")
+
+
+MOE_CFG = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=97,
+                       hidden_size=32, intermediate_size=24, head_dim=16, num_attention_heads=4,
+                       num_key_value_heads=2, sliding_window=5, rope_scaling_factor=1.0)
+
+
+@pytest.mark.parametrize("model_class, cfg", [
+    (GptOss, MOE_CFG),
+    (GptOss, MOE_CFG.replace(moe_impl="ragged")),
+    (Gpt2, Gpt2Config(num_hidden_layers=2, vocab_size=97, hidden_size=32, num_attention_heads=4,
+                      max_position_embeddings=80)),
+])
+def test_plain_model_equals_the_default_one(model_class, cfg):
+  """All plain implementations (readable attention, jnp.matmul, textbook loss, dense MoE) give
+  the default fast model's logits, loss and every parameter gradient."""
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 71)))
+  results = []
+  for impl in ({}, dict(PLAIN, **({"moe_impl": "dense"} if model_class is GptOss else {}))):
+    cfg_impl = dataclasses.replace(cfg, **impl)
+    # GPT-2's dropout streams are state too; its seeded init gives both models equal weights.
+    model = (_random_module(model_class, cfg_impl) if model_class is GptOss
+             else model_class(cfg_impl, rngs=nnx.Rngs(0)))
+    loss = lambda m: token_losses(m, tokens)[0].mean()
+    value, grads = nnx.value_and_grad(loss)(model)
+    results.append((model(tokens[:, :-1]), value, grads))
+  (logits, value, grads), (plain_logits, plain_value, plain_grads) = results
+  _assert_close(logits, plain_logits, "logits")
+  _assert_close(value, plain_value, "loss")
+  for (path, ours), (_, theirs) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(plain_grads)):
+    _assert_close(ours[...], theirs[...], "grad " + ".".join(map(str, path)))
