@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from huggingface_hub import constants as hub_constants
 
-from nanogptoss_jax.data import sources, streams
+from nanogptoss_jax.data import streams
 from nanogptoss_jax.data.config import DataConfig, DataUnavailableError
 from nanogptoss_jax.data.sources import load_split_texts
 from nanogptoss_jax.data.streams import base_token_stream, prepare_data

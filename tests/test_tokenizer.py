@@ -10,6 +10,7 @@ import tiktoken.registry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanogptoss_jax.data import bpe
 from nanogptoss_jax.data import tokenizer as tokenizer_lib
 
 N_VOCAB = 201088
@@ -209,7 +210,7 @@ def test_unavailable_bpe_file_raises_a_helpful_error(monkeypatch, tmp_path):
   monkeypatch.delitem(tiktoken.registry.ENCODINGS, tokenizer_lib.ENCODING_NAME, raising=False)
   tokenizer_lib.base_encoding.cache_clear()
   try:
-    with pytest.raises(tokenizer_lib.TokenizerUnavailableError, match="TIKTOKEN_CACHE_DIR") as info:
+    with pytest.raises(bpe.TokenizerUnavailableError, match="tokenizer_path") as info:
       tokenizer_lib.base_encoding()
     assert isinstance(info.value.__cause__, ConnectionError)
   finally:

@@ -21,6 +21,8 @@ class DataConfig:
   text_column: str = "text"
   # Tokenised streams are cached here (uint32, memory-mapped), keyed by source and tokenizer.
   cache_dir: str = ".cache/nanogptoss"
+  # o200k_base.tiktoken, or a directory holding it; "": tiktoken's cache or its download.
+  tokenizer_path: str = ""
   # 0: the full o200k_harmony vocabulary. N > 0: a lossless compact vocabulary of N ids.
   compact_vocab_size: int = 0
   # Validation uses this many fixed windows (fewer if the split is short).

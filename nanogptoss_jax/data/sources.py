@@ -134,19 +134,33 @@ def resolve_source(cfg: DataConfig, split: str) -> Source:
   return Source("txt", txt_file, identity, os.path.splitext(os.path.basename(txt_file))[0])
 
 
+def _utf8_lines(txt_file: str) -> Iterator[str]:
+  """The file's lines as text; bytes that are not UTF-8 are refused with their offset."""
+  offset = 0
+  with open(txt_file, "rb") as f:
+    for raw in f:
+      try:
+        yield raw.decode("utf-8").replace("\r\n", "\n")  # as text mode reads it
+      except UnicodeDecodeError as error:
+        raise DataUnavailableError(
+            f"{txt_file} is not UTF-8 text: byte {offset + error.start} is {raw[error.start]:#04x}; "
+            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+      offset += len(raw)
+
+
 def _read_txt_stories(txt_file: str) -> Iterator[str]:
   """Stories of an official-format file: text, then a line `<|endoftext|>`, repeated."""
   lines = []
-  with open(txt_file, encoding="utf-8") as f:
-    for line in itertools.chain(f, [ENDOFTEXT]):  # the sentinel flushes a last unterminated story
-      if line.strip() != ENDOFTEXT:
-        lines.append(line)
-        continue
-      # The hub rows are these stories without their trailing newline; strip() makes both agree.
-      story = "".join(lines).strip()
-      lines = []
-      if story:
-        yield story
+  # The sentinel flushes a last unterminated story.
+  for line in itertools.chain(_utf8_lines(txt_file), [ENDOFTEXT]):
+    if line.strip() != ENDOFTEXT:
+      lines.append(line)
+      continue
+    # The hub rows are these stories without their trailing newline; strip() makes both agree.
+    story = "".join(lines).strip()
+    lines = []
+    if story:
+      yield story
 
 
 def _hub_unreachable_error(path: str, why: str) -> DataUnavailableError:

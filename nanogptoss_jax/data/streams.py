@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from nanogptoss_jax.data.bpe import use_bpe_file
 from nanogptoss_jax.data.config import DataConfig
 from nanogptoss_jax.data.sources import STORIES_PER_BATCH, open_stories, resolve_source
 from nanogptoss_jax.data.token_cache import (TOKEN_DTYPE, TokenStream, cache_key, load_cached,
@@ -91,6 +92,8 @@ def _count_base_ids(ids: np.ndarray) -> np.ndarray:
 def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None
                  ) -> tuple[Tokenizer, TokenStream, TokenStream]:
   """(tokenizer, train stream, validation stream) in model ids; builds the tokenizer if None."""
+  if cfg.tokenizer_path:
+    use_bpe_file(cfg.tokenizer_path)
   train_base, train_stem = _base_stream_and_stem(cfg, cfg.train_split)
   val_base, val_stem = _base_stream_and_stem(cfg, cfg.val_split)
   if tokenizer is None:

@@ -4,10 +4,8 @@ import functools
 import itertools
 
 import numpy as np
-import tiktoken
 
-from nanogptoss_jax import o200k
-from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.data.bpe import base_encoding
 from nanogptoss_jax.o200k import ENCODING_NAME, ENDOFTEXT, RETURN
 
 FULL_KIND = "full"
@@ -18,29 +16,6 @@ RESERVED_MARKER = "reserved"
 NUM_BYTES = 256
 # tiktoken's default; the BPE core releases the GIL, so threads do encode in parallel.
 ENCODE_THREADS = 8
-
-
-class TokenizerUnavailableError(UserError, RuntimeError):
-  """tiktoken could neither find o200k_harmony's BPE file in its cache nor download it."""
-
-
-@functools.cache
-def base_encoding() -> tiktoken.Encoding:
-  """The o200k_harmony encoding, loaded once per process."""
-  try:
-    encoding = tiktoken.get_encoding(ENCODING_NAME)
-  # Offline, requests raises an OSError; no requests gives ImportError; a bad download, ValueError.
-  except (OSError, ImportError, ValueError) as error:
-    raise TokenizerUnavailableError(
-        f"{ENCODING_NAME}'s BPE file (o200k_base.tiktoken) was neither in tiktoken's cache nor "
-        "downloadable; fix: connect to the internet once, or set TIKTOKEN_CACHE_DIR to a folder "
-        "holding it (in this repo's dev setup: a copy of ../shared/tiktoken)") from error
-  # The constants the rest of the code uses without loading the encoding must be its own.
-  specials = {name: encoding.encode_single_token(name) for name in o200k.SPECIAL_IDS}
-  if encoding.n_vocab != o200k.VOCAB_SIZE or specials != o200k.SPECIAL_IDS:
-    raise TokenizerUnavailableError(f"tiktoken's {ENCODING_NAME} has {encoding.n_vocab} ids and "
-                                    f"special ids {specials}, not those of nanogptoss_jax.o200k")
-  return encoding
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

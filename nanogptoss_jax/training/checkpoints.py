@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from nanogptoss_jax.data.bpe import BPE_FILE_NAME, use_bpe_file, write_bpe_file
 from nanogptoss_jax.data.tokenizer import Tokenizer
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.training.config_io import config_from_dict, config_to_dict
@@ -26,6 +27,7 @@ from nanogptoss_jax.training.state import abstract_train_state
 ITEMS = ("state", "data", "meta")
 PERIODIC_DIR, BEST_DIR = "checkpoints", "best"
 UNREADABLE_DIR = "unreadable"  # where a resume moves the periodic steps it could not read
+TOKENIZER_DIR = "tokenizer"  # the run's copy of the BPE file
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -95,6 +97,14 @@ class RunCheckpoints:
     self.periodic.close()
     self.best.close()
 
+  def remove_if_empty(self) -> None:
+    """Removes the checkpoint folders and the run directory if nothing was ever saved there."""
+    self.close()
+    if jax.process_index() == 0:
+      for directory in (self.root / PERIODIC_DIR, self.root / BEST_DIR, self.root):
+        if directory.is_dir() and not any(directory.iterdir()):
+          directory.rmdir()
+
   def latest_step(self) -> int | None:
     return self.periodic.latest_step()
 
@@ -136,6 +146,29 @@ def _first_local_device() -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
+def short_error(error: Exception, limit: int = 200) -> str:
+  """The first line of an error, cut short: TensorStore's messages run to dozens of lines."""
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first[:limit]}{'...' if len(first) > limit else ''}"
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, *,
+                 meta_only: bool = False):
+  """(state, data_state, meta) of one step (state and data None with meta_only); raises if
+  any file of it is unreadable."""
+  if meta_only:
+    items = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return None, None, items["meta"]
+  # A leaf without a target sharding gets the saved one, which names the devices of the run
+  # that wrote it (another mesh, other processes) and cannot be rebuilt on a different
+  # topology; such leaves land on this process's first device instead.
+  items = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state),
+                                     fallback_sharding=_first_local_device()),
+      data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+  return _data_to_keys(items["state"], abstract_state), items["data"], items["meta"]
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool = False):
   """(step, state, data_state, meta) from the newest readable step; older steps are fallbacks.
 
@@ -145,25 +178,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool =
   failures = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      if meta_only:
-        items = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return step, None, None, items["meta"]
-      # A leaf without a target sharding gets the saved one, which names the devices of the
-      # run that wrote it (another mesh, other processes) and cannot be rebuilt on a different
-      # topology; such leaves land on this process's first device instead.
-      items = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state),
-                                         fallback_sharding=_first_local_device()),
-          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-      state = _data_to_keys(items["state"], abstract_state)
-      return step, state, items["data"], items["meta"]
+      return step, *restore_step(manager, step, abstract_state, meta_only=meta_only)
     except Exception as error:  # noqa: BLE001 - any failure means "this step is unusable"
       logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
-                      step, manager.directory, error)
-      failures.append(f"step {step}: {type(error).__name__}: {error}")
+                      step, manager.directory, short_error(error))
+      failures.append(f"step {step}: {short_error(error)}")
   if failures:
-    raise CheckpointError(f"no readable checkpoint in {manager.directory}; every step failed:\n  "
-                          + "\n  ".join(failures) + "\nThe files were left in place.")
+    raise CheckpointError(f"no readable checkpoint in {manager.directory}; every step failed: "
+                          + "; ".join(failures) + ". The files were left in place.")
   return None
 
 
@@ -176,24 +198,63 @@ def read_meta(meta: dict) -> tuple[RunConfig, Tokenizer]:
   return config_from_dict(meta["config"]), Tokenizer.from_dict(meta["tokenizer"])
 
 
-def load_checkpoint(run_dir: str | pathlib.Path):
-  """(model, tokenizer) from a run directory: its best-validation checkpoint, else the latest."""
-  root = pathlib.Path(run_dir)
-  for sub in (BEST_DIR, PERIODIC_DIR):
-    if (root / sub).is_dir():
-      manager = ocp.CheckpointManager(root.absolute() / sub, item_names=ITEMS,
-                                      options=ocp.CheckpointManagerOptions(read_only=True))
-      if manager.all_steps():
-        break
-  else:
-    raise CheckpointError(f"no checkpoint under {root} (expected {root}/{BEST_DIR}/<step> or "
-                          f"{root}/{PERIODIC_DIR}/<step>); train one with `python train.py "
-                          f"--config configs/nano.py --config.run_dir={root}`")
-  _, _, _, meta = restore(manager, None, meta_only=True)
+def carry_tokenizer_file(run_dir: pathlib.Path) -> None:
+  """Puts the BPE file in the run directory (once), so reading the run needs nothing else."""
+  if not (run_dir / TOKENIZER_DIR / BPE_FILE_NAME).is_file():
+    write_bpe_file(run_dir / TOKENIZER_DIR)
+
+
+def use_run_tokenizer_file(run_dir: pathlib.Path) -> None:
+  """Reads the tokenizer from the BPE file the run directory carries, when it has one."""
+  if (run_dir / TOKENIZER_DIR / BPE_FILE_NAME).is_file():
+    use_bpe_file(run_dir / TOKENIZER_DIR)
+
+
+def _read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory.absolute(), item_names=ITEMS,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def _load_step(manager: ocp.CheckpointManager, step: int):
+  _, _, meta = restore_step(manager, step, None, meta_only=True)
   cfg, tokenizer = read_meta(meta)
   # generate()'s default stop ids come from the tokenizer: a compact vocabulary numbers
   # <|endoftext|> differently.
   cfg = dataclasses.replace(cfg, model=cfg.model.replace(stop_tokens=tuple(tokenizer.stop_ids)))
   graphdef, abstract_state, _ = abstract_train_state(cfg)
-  _, state, _, _ = restore(manager, abstract_state)
+  state, _, _ = restore_step(manager, step, abstract_state)
   return nnx.merge(graphdef, state.params, state.rest), tokenizer
+
+
+def load_checkpoint(run_dir: str | pathlib.Path):
+  """(model, tokenizer) from a run directory: its best-validation checkpoint, else the newest
+  readable periodic one. Says which step it loaded and which it skipped; moves nothing."""
+  root = pathlib.Path(run_dir)
+  train_hint = (f"train one with `python train.py --config configs/nano.py "
+                f"--config.run_dir={root}`")
+  if not root.is_dir():
+    raise CheckpointError(f"no run directory {root}; {train_hint}")
+  use_run_tokenizer_file(root)
+  skipped = []
+  for sub in (BEST_DIR, PERIODIC_DIR):
+    if not (root / sub).is_dir():
+      continue
+    manager = _read_only_manager(root / sub)
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        model, tokenizer = _load_step(manager, step)
+      except CheckpointError:
+        raise
+      except Exception as error:  # noqa: BLE001 - any failure means "this step is unusable"
+        skipped.append(f"{sub}/{step} ({short_error(error)})")
+        logging.warning("skipped unreadable checkpoint %s/%s/%d: %s", root, sub, step,
+                        short_error(error))
+        continue
+      logging.info("loaded %s/%s/%d%s", root, sub, step,
+                   f" (skipped {', '.join(skipped)})" if skipped else "")
+      return model, tokenizer
+  if skipped:
+    raise CheckpointError(f"no readable checkpoint in {root}: skipped {'; '.join(skipped)}. "
+                          "The files were left in place.")
+  raise CheckpointError(f"no checkpoint under {root} (expected {root}/{BEST_DIR}/<step> or "
+                        f"{root}/{PERIODIC_DIR}/<step>); {train_hint}")

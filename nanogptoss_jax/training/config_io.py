@@ -76,53 +76,6 @@ def _parse_value(key: str, tp: Any, value: Any) -> Any:
   raise ConfigOverrideError(f"bad value for {key!r}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _parse_scalar(tp: type, value: Any) -> Any:
-  """`value` (a string, or an already typed value) as an instance of `tp`; ValueError if not."""
-  if isinstance(value, str):
-    text = value.strip()
-    if tp is bool:
-      if text.lower() in TRUE_WORDS:
-        return True
-      if text.lower() in FALSE_WORDS:
-        return False
-      raise ValueError(value)
-    if tp is str:
-      return value
-    if tp in (int, float):
-      return tp(text)  # int("1.5") and float("x") raise ValueError
-    raise ValueError(value)
-  # Typed values (from a dict or JSON): bool is an int subclass, so refuse it for numbers.
-  if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-    return float(value)
-  if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-    return value
-  raise ValueError(value)
-
-
-def _parse_value(key: str, tp: Any, value: Any) -> Any:
-  """`value` parsed by the declared field type `tp` (scalars, `X | None`, `tuple[X, ...]`)."""
-  if typing.get_origin(tp) is tuple:
-    # From JSON a list; from the command line comma-separated text ("" is the empty tuple).
-    items = ([item for item in value.split(",") if item.strip()] if isinstance(value, str)
-             else value)
-    if not isinstance(items, (list, tuple)):
-      raise ConfigOverrideError(f"bad value for {key!r}: expected {_type_name(tp)}, got {value!r}")
-    return tuple(_parse_value(key, typing.get_args(tp)[0], item) for item in items)
-  is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-  union_args = typing.get_args(tp) if is_union else (tp,)
-  if type(None) in union_args and (value is None or (isinstance(value, str)
-                                                     and value.strip().lower() in NONE_WORDS)):
-    return None
-  for arg in union_args:
-    if arg is type(None):
-      continue
-    try:
-      return _parse_scalar(arg, value)
-    except (TypeError, ValueError):
-      continue
-  raise ConfigOverrideError(f"bad value for {key!r}: expected {_type_name(tp)}, got {value!r}")
-
-
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
   """A JSON-ready dict of `cfg`, naming the model's kind so `config_from_dict` can rebuild it."""
   return {MODEL_KIND_KEY: registry.kind_of(cfg.model), **dataclasses.asdict(cfg)}

@@ -1,6 +1,5 @@
 """The training loop: data, mesh, jitted step, evals, samples, logs, checkpoints, resume."""
 
-import json
 import logging
 import math
 import pathlib
@@ -14,6 +13,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from nanogptoss_jax.data.bpe import use_bpe_file
 from nanogptoss_jax.data.streams import prepare_data
 from nanogptoss_jax.data.tokenizer import Tokenizer
 from nanogptoss_jax.data.windows import make_train_iterator, val_windows
@@ -23,40 +23,21 @@ from nanogptoss_jax.model.registry import build_model
 from nanogptoss_jax.sampling.text import generate_text
 from nanogptoss_jax.training import checkpoints as ckpt
 from nanogptoss_jax.training import mesh as sharding
-from nanogptoss_jax.training.config_io import config_to_dict
 from nanogptoss_jax.training.metrics_log import MetricsLog
 from nanogptoss_jax.training.optimizer import lr_schedule
 from nanogptoss_jax.training.plots import plot_run
+from nanogptoss_jax.training.resume import check_resumable
 from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
 from nanogptoss_jax.training.state import abstract_train_state, init_train_state
 from nanogptoss_jax.training.step import make_eval_step, make_train_step
 from nanogptoss_jax.training.stop_request import StopRequest
 
 PLOT_FILE = "loss.png"
+RECENT_LOSSES_KEY = "recent_train_losses"  # in a checkpoint's metrics
 
 
 class TrainingDivergedError(UserError, RuntimeError):
   """The loss became NaN or Inf."""
-
-
-# Settings a resume must keep: `data` and `model` shape the stream and the state, and these
-# train settings fix where the saved data position points (it counts batches of one size, over
-# windows cut at one length, in one seed's shuffle order). The optimizer and the step count may
-# change (e.g. a lower learning rate after a divergence).
-RESUME_TRAIN_KEYS = ("seed", "batch_size", "context_len")
-
-
-def _check_compatible(cfg: RunConfig, saved: dict, run_dir: pathlib.Path) -> None:
-  current = json.loads(json.dumps(config_to_dict(cfg)))  # as saved: tuples become lists
-  pairs = [(section, saved[section], current[section]) for section in ("model", "data")]
-  pairs.append(("train", {key: saved["train"][key] for key in RESUME_TRAIN_KEYS},
-                {key: current["train"][key] for key in RESUME_TRAIN_KEYS}))
-  for section, before, now in pairs:
-    if before != now:
-      raise ConfigError(
-          f"{run_dir} holds a run with a different {section} config, so it cannot be resumed "
-          f"with this one.\n  saved:   {before}\n  current: {now}\n"
-          f"Use another --config.run_dir, or move that directory away (nothing was deleted).")
 
 
 class Trainer:
@@ -70,7 +51,18 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.run_dir.mkdir(parents=True, exist_ok=True)
     self.checkpoints = ckpt.RunCheckpoints(self.run_dir, cfg.train.keep_checkpoints)
+    try:
+      self._prepare(cfg)
+    except BaseException:
+      self.checkpoints.remove_if_empty()  # a run that never started leaves no empty folders
+      raise
+
+  def _prepare(self, cfg: RunConfig) -> None:
     self.log = MetricsLog(self.run_dir, self.is_main)
+    # The BPE file: the one named in the config, else the copy the run directory carries.
+    if cfg.data.tokenizer_path:
+      use_bpe_file(cfg.data.tokenizer_path)
+    ckpt.use_run_tokenizer_file(self.run_dir)
 
     resume = self._read_resume_meta()
     saved_tokenizer = Tokenizer.from_dict(resume["tokenizer"]) if resume else None
@@ -107,6 +99,7 @@ class Trainer:
         self.train_stream, cfg.train.context_len, cfg.train.batch_size, cfg.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.best_val = math.inf
+    self._recent_losses = []  # train losses since the last eval
     if resume:
       step, state, data_state, meta = ckpt.restore(
           self.checkpoints.periodic, self._with_shardings(abstract_state))
@@ -118,13 +111,15 @@ class Trainer:
       self.best_val = min(meta["metrics"].get("best_val_loss", math.inf),
                           self.checkpoints.best_val_loss())
       self.log.truncate_after(step)
-      logging.info("resumed %s at step %d", self.run_dir, step)
+      # The train losses since the last eval, so the next eval row's mean spans the resume.
+      self._recent_losses = list(meta["metrics"].get(RECENT_LOSSES_KEY, []))
+      logging.warning("resumed from step %d in %s", step, self.run_dir)
     else:
       self.log.set_aside()  # a run that crashed before its first checkpoint left rows there
       init = lambda: init_train_state(build_model(cfg.model, cfg.train.seed), tx)
       self.state = jax.jit(init, out_shardings=self.state_shardings)()
     self.lr_schedule = lr_schedule(cfg.optim, cfg.train.steps)
-    self._recent_losses, self._tokens_per_s = [], 0.0
+    self._tokens_per_s = 0.0
     self._reset_clock()
 
   def _with_shardings(self, abstract_state):
@@ -135,7 +130,7 @@ class Trainer:
     if self.checkpoints.latest_step() is None:
       return None
     _, _, _, meta = ckpt.restore(self.checkpoints.periodic, None, meta_only=True)
-    _check_compatible(self.cfg, meta["config"], self.run_dir)
+    check_resumable(self.cfg, meta["config"], self.run_dir)
     return meta
 
   @property
@@ -176,8 +171,11 @@ class Trainer:
                          temperature=0.8, top_k=50, seed=self.step)
 
   def _save(self, metrics: dict, best: bool = False) -> None:
+    if self.is_main:
+      ckpt.carry_tokenizer_file(self.run_dir)
     meta = ckpt.make_meta(self.cfg, self.tokenizer, self.step,
-                          metrics | {"best_val_loss": self.best_val})
+                          metrics | {"best_val_loss": self.best_val,
+                                     RECENT_LOSSES_KEY: list(self._recent_losses)})
     self.checkpoints.save(self.step, self.state, self.data_iter.get_state(), meta, best=best)
 
   def run(self, until: int | None = None) -> dict:
