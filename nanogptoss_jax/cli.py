@@ -4,6 +4,7 @@ as one message with no traceback (exit code 2 for bad usage, 1 for a failure).""
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 from nanogptoss_jax import cpu_malloc
@@ -14,10 +15,31 @@ DEBUG_ENV = "NANOGPTOSS_DEBUG"  # any non-empty value: tracebacks for user error
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+_debug = False  # set by `run`: tracebacks wanted
+
+
+class _NoTracebacks(logging.Filter):
+  """Keeps a log record's message and drops its traceback (a library's background thread logs
+  its exception before the error reaches us, and we print that error as one line)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
 def setup_logging(absl_level: int = logging.WARNING) -> None:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   # absl (pulled in by orbax) logs every checkpoint file operation at INFO; keep ours readable.
   logging.getLogger("absl").setLevel(absl_level)
+  if not _debug:
+    for handler in logging.getLogger().handlers:
+      handler.addFilter(_NoTracebacks())
+    # After a failed checkpoint write Orbax leaves futures whose errors asyncio reports again at
+    # exit, one per array; the error itself was already printed.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # Their worker threads' own tracebacks, likewise: the failure reaches us as an error.
+    threading.excepthook = lambda hook: logging.debug("thread %s failed: %s", hook.thread,
+                                                      hook.exc_value)
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -27,23 +49,27 @@ def wants_help(argv: list[str]) -> bool:
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
   """Runs `main(argv)` as a command (argv None: this process's command line, which first
   restarts the process with the allocator settings; see cpu_malloc)."""
-  if argv is None:
+  global _debug
+  whole_process = argv is None
+  if whole_process:
     cpu_malloc.reexec_with_malloc_tunables()
     argv = sys.argv[1:]
-  debug = DEBUG_FLAG in argv or bool(os.environ.get(DEBUG_ENV))
+  debug = _debug = DEBUG_FLAG in argv or bool(os.environ.get(DEBUG_ENV))
   argv = [arg for arg in argv if arg != DEBUG_FLAG]
   try:
     main(argv)
-  except UserError as error:
+  except (UserError, KeyboardInterrupt) as error:
     if debug:
       raise
-    print(f"error: {error}", file=sys.stderr)
-    hint = f"(run with {DEBUG_FLAG} for a traceback)"
-    if isinstance(error, UsageError):
-      print(hint, file=sys.stderr)
-    raise SystemExit(EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE) from None
-  except KeyboardInterrupt:
-    if debug:
-      raise
-    print("interrupted", file=sys.stderr)
-    raise SystemExit(EXIT_INTERRUPTED) from None
+    interrupted = isinstance(error, KeyboardInterrupt)
+    print("interrupted" if interrupted else f"error: {error}", file=sys.stderr)
+    code = (EXIT_INTERRUPTED if interrupted else
+            EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE)
+    if whole_process:
+      # Straight out: at interpreter exit, the worker threads of a failed checkpoint write
+      # would print their own tracebacks after the one line that says what to do.
+      logging.shutdown()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code)
+    raise SystemExit(code) from None

@@ -41,3 +41,12 @@ def shared_dir() -> Path:
 def tinystories_dir() -> Path:
   """The TinyStories sample (train/valid .txt and an hf/ parquet mirror)."""
   return TINYSTORIES_DIR
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The fault-injection suite's table: every fault tried, whether the run survived, what was lost."""
+  from tests import test_faults
+  if test_faults.FAULT_TABLE:
+    terminalreporter.write_line("\nfaults tried | survived | data lost")
+    for row in test_faults.FAULT_TABLE:
+      terminalreporter.write_line(" | ".join(row))

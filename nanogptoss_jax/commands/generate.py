@@ -7,6 +7,7 @@ import argparse
 import logging
 
 from nanogptoss_jax import cli
+from nanogptoss_jax.errors import UsageError
 
 
 def _number(kind, low, high=None, *, low_open=False):
@@ -24,9 +25,16 @@ def _number(kind, low, high=None, *, low_open=False):
   return parse
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose mistakes are a UsageError: one line from `cli.run`, not the usage text."""
+
+  def error(self, message: str):
+    raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-  parse = argparse.ArgumentParser(prog="nanogptoss-generate", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+  parse = _Parser(prog="nanogptoss-generate", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
   parse.add_argument("--checkpoint", required=True, help="a run directory written by train.py")
   parse.add_argument("--prompt", default="Once upon a time")
   parse.add_argument("--max-new-tokens", type=_number(int, 1), default=200)

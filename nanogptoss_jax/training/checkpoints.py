@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from nanogptoss_jax.data.bpe import BPE_FILE_NAME, use_bpe_file, write_bpe_file
 from nanogptoss_jax.data.tokenizer import Tokenizer
 from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.training.checksums import seal, verify
 from nanogptoss_jax.training.config_io import config_from_dict, config_to_dict
 from nanogptoss_jax.training.run_config import RunConfig
 from nanogptoss_jax.training.state import abstract_train_state
@@ -75,6 +76,7 @@ class RunCheckpoints:
         root / PERIODIC_DIR, item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options,
                                              multiprocessing_options=_barrier_prefix(PERIODIC_DIR)))
+    self._unsealed = []  # steps saved (asynchronously) but not yet sealed
     self.best = ocp.CheckpointManager(
         root / BEST_DIR, item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=1, **options,
@@ -82,16 +84,38 @@ class RunCheckpoints:
 
   def save(self, step: int, state, data_state: dict, meta: dict, *, best: bool = False) -> None:
     managers = [self.periodic] + ([self.best] if best else [])
-    for manager in managers:
-      if step in manager.all_steps():
-        continue
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_keys_to_data(state)),
-          data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+      self._seal_finished()
+      for manager in managers:
+        if step in manager.all_steps():
+          continue
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_keys_to_data(state)),
+            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._unsealed.append(pathlib.Path(manager.directory) / str(step))
+    except Exception as error:  # noqa: BLE001 - a failed write (a full disk) or an earlier one
+      raise self._write_error(error) from error
 
-  def wait(self) -> None:
+  def _seal_finished(self) -> None:
+    """Waits for the writes in flight, then seals the steps they finished."""
     self.periodic.wait_until_finished()
     self.best.wait_until_finished()
+    if jax.process_index() == 0:
+      for step_dir in self._unsealed:
+        seal(step_dir)
+    self._unsealed.clear()
+
+  def wait(self) -> None:
+    try:
+      self._seal_finished()
+    except Exception as error:  # noqa: BLE001 - the background write failed
+      raise self._write_error(error) from error
+
+  def _write_error(self, error: Exception) -> "CheckpointError":
+    return CheckpointError(
+        f"could not write a checkpoint in {self.root} ({short_error(error)}); is the disk full? "
+        "The checkpoints saved before are intact: make room, then rerun the same command to "
+        "resume from them")
 
   def close(self) -> None:
     self.periodic.close()
@@ -155,7 +179,8 @@ def short_error(error: Exception, limit: int = 200) -> str:
 def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, *,
                  meta_only: bool = False):
   """(state, data_state, meta) of one step (state and data None with meta_only); raises if
-  any file of it is unreadable."""
+  any file of it is unreadable or differs from its checksum."""
+  verify(pathlib.Path(manager.directory) / str(step))
   if meta_only:
     items = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return None, None, items["meta"]

@@ -22,6 +22,7 @@ from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.registry import build_model
 from nanogptoss_jax.sampling.text import generate_text
 from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.training import faults
 from nanogptoss_jax.training import mesh as sharding
 from nanogptoss_jax.training.metrics_log import MetricsLog
 from nanogptoss_jax.training.optimizer import lr_schedule
@@ -161,6 +162,7 @@ class Trainer:
       rows = self.val_data[start + jax.process_index() * per_process:][:per_process]
       batch = sharding.global_batch(rows.astype(np.int32), self.eval_sharding)
       total += float(self.eval_step(self.state.params, self.state.rest, batch))
+      faults.maybe_kill("mid_eval", self.step)
     val_loss = total / (count * self.cfg.train.context_len)
     bits_per_byte = val_loss / math.log(2) / self.val_stream.bytes_per_token
     return {"val_loss": val_loss, "val_bpb": bits_per_byte}
@@ -177,6 +179,8 @@ class Trainer:
                           metrics | {"best_val_loss": self.best_val,
                                      RECENT_LOSSES_KEY: list(self._recent_losses)})
     self.checkpoints.save(self.step, self.state, self.data_iter.get_state(), meta, best=best)
+    faults.maybe_kill("checkpoint_write", self.step)  # Orbax writes in a background thread
+    faults.maybe_kill("after_save", self.step, before=self.checkpoints.wait)
 
   def run(self, until: int | None = None) -> dict:
     """Trains to cfg.train.steps and returns the last metrics.
@@ -198,6 +202,7 @@ class Trainer:
       while self.step < until and not stop.requested:
         first = pending is None and not last
         self.state, metrics = self.train_step(self.state, self._next_batch())
+        faults.maybe_kill("mid_step", self.step)
         if first:
           self._reset_clock()  # the first call compiled; don't count that as training time
         if pending:
