@@ -266,3 +266,12 @@ def test_missing_split_lists_the_splits(tinystories_dir, tmp_path):
     base_token_stream(_config(tinystories_dir / "hf", tmp_path), "test")
   with pytest.raises(DataUnavailableError, match=r"no \*test\*\.txt.*'train', 'validation'"):
     base_token_stream(_config(tinystories_dir, tmp_path), "test")
+
+
+def test_non_utf8_text_is_refused_with_its_file_and_byte_offset(tmp_path):
+  text = tmp_path / "stories-train.txt"
+  good = "Once upon a time.\n<|endoftext|>\nLily ran.\n".encode()
+  text.write_bytes(good + b"caf\xe9\n<|endoftext|>\n")  # latin-1, not UTF-8
+  cfg = DataConfig(path=str(text), cache_dir=str(tmp_path / "cache"))
+  with pytest.raises(DataUnavailableError, match=f"byte {len(good) + 3} is 0xe9"):
+    load_split_texts(cfg, "train")
