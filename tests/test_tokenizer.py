@@ -208,6 +208,8 @@ def test_unavailable_bpe_file_raises_a_helpful_error(monkeypatch, tmp_path):
   monkeypatch.setattr(tiktoken.load, "read_file", offline)
   # tiktoken keeps loaded encodings too; monkeypatch puts this one back afterwards.
   monkeypatch.delitem(tiktoken.registry.ENCODINGS, tokenizer_lib.ENCODING_NAME, raising=False)
+  # No local BPE file either (an earlier test may have read a run directory's copy).
+  monkeypatch.setattr(bpe, "_local_bpe_files", [])
   tokenizer_lib.base_encoding.cache_clear()
   try:
     with pytest.raises(bpe.TokenizerUnavailableError, match="tokenizer_path") as info:
