@@ -40,6 +40,20 @@ def setup_logging(absl_level: int = logging.WARNING) -> None:
     # Their worker threads' own tracebacks, likewise: the failure reaches us as an error.
     threading.excepthook = lambda hook: logging.debug("thread %s failed: %s", hook.thread,
                                                       hook.exc_value)
+    # And TensorStore's C++ callbacks: after a failed write they try to wake asyncio loops
+    # that Orbax already closed, and print that error through sys.excepthook (PyErr_Print).
+    sys.excepthook = _quiet_closed_loop_errors
+    sys.unraisablehook = lambda hook: _quiet_closed_loop_errors(
+        hook.exc_type, hook.exc_value, hook.exc_traceback, unraisable=hook)
+
+
+def _quiet_closed_loop_errors(kind, error, traceback, unraisable=None) -> None:
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    logging.debug("a background callback found its event loop closed")
+  elif unraisable is not None:
+    sys.__unraisablehook__(unraisable)
+  else:
+    sys.__excepthook__(kind, error, traceback)
 
 
 def wants_help(argv: list[str]) -> bool:

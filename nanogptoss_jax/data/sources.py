@@ -195,6 +195,13 @@ def _load_hf_split(source: Source, split: str, text_column: str) -> datasets.Dat
   except datasets.exceptions.DatasetNotFoundError as error:
     raise DataUnavailableError(f"no local path or hub dataset named {source.location!r} "
                                f"({error})") from error
+  except FileNotFoundError as error:  # what datasets raises when the hub answers 404
+    if source.kind != "hub":
+      raise DataUnavailableError(f"{source.location}: {str(error).splitlines()[0]}") from error
+    raise DataUnavailableError(
+        f"no local path or hub dataset named {source.location!r} (the hub at "
+        f"{hub_constants.ENDPOINT} has no such dataset); check the id, or use "
+        f"{LOCAL_PATH_HINT}") from error
   if split not in splits:
     raise DataUnavailableError(f"{source.location} has no split {split!r}; available splits: "
                                f"{sorted(splits)}")

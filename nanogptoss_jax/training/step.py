@@ -19,7 +19,9 @@ def token_losses(model, batch: jax.Array):
 
 
 def _loss(params, graphdef, rest, batch, cfg: RunConfig):
-  model = nnx.merge(graphdef, params, rest)
+  # copy=True: the Variables of `rest` belong to the trace outside value_and_grad and scan;
+  # dropout's RNG counter may only be advanced by Variables of this trace.
+  model = nnx.merge(graphdef, params, rest, copy=True)
   losses, aux = token_losses(model, batch)
   loss = losses.mean()
   metrics = {"loss": loss}
