@@ -63,6 +63,9 @@ def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None)
   step_s = float(np.median(times))
   tokens = train.batch_size * train.context_len
   flops = train_flops_per_token(cfg.model, train.context_len) * tokens
+  stats = jax.devices()[0].memory_stats() or {}  # None on the CPU
+  print(f"{name}: peak device memory {stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB",
+        flush=True)
   return {"config": name, "tokens/step": tokens, "step s": step_s, "tokens/s": tokens / step_s,
           "GFLOP/step": flops / 1e9, "model FLOP/s": flops / step_s, "compile s": compile_s,
           "loss": float(metrics["loss"])}

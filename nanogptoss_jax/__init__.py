@@ -15,7 +15,9 @@ _EXPORTS = {
     "to_torch_state_dict": "interop.torch_reference",
     "generate": "sampling.decode", "generate_text": "sampling.text",
     "load_checkpoint": "training.checkpoints",
+    "load_pretrained": "pretrained.load", "save_pretrained": "pretrained.export",
     "UserError": "errors",
+    "render_chat": "chat.harmony", "parse_chat": "chat.harmony",
 }
 __all__ = sorted(_EXPORTS)
 

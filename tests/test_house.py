@@ -18,15 +18,19 @@ LAYERS = [
     {"kernels"},
     {"model"},
     {"data"},
-    {"interop"},
+    {"chat"},
+    {"interop", "pretrained"},
     {"sampling"},
     {"training"},
     {"experiments"},
+    {"serving"},
     {"cli"},
     {"commands"},
+    {"export"},  # nanogptoss_jax/export.py: `python -m nanogptoss_jax.export`
 ]
 MAX_MODULE_LINES = 300
-CONSOLE_SCRIPTS = ("nanogptoss-train", "nanogptoss-generate", "nanogptoss-compare")
+CONSOLE_SCRIPTS = ("nanogptoss-train", "nanogptoss-generate", "nanogptoss-compare",
+                   "nanogptoss-export", "nanogptoss-serve", "nanogptoss-chat")
 
 
 def _module_name(path: Path) -> str:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogptoss_jax.kernels.attention import MASKED, blocked_attention
+from nanogptoss_jax.kernels.flash_attention import flash_attention
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, cache_write
@@ -52,13 +53,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 
 
 def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", in_order: bool = False):
-  """`attention`, or its blocked kernel when `impl` (the config's attention_impl) picks it.
+  """`attention`, or the blocked or flash kernel when `impl` (the config's attention_impl) picks
+  it; `auto` chooses by the number of (query, key) pairs (model/choices.py).
 
   `in_order` promises that keys are the queries' own tokens at positions 0..T-1; the kernel then
   skips key blocks that no query of a block can see.
   """
-  if choices.attention_impl(impl) == "plain":
+  impl = choices.attention_impl(impl, q.shape[1], k.shape[2])
+  if impl == "plain":
     return attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks)
+  if impl == "flash":
+    return flash_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
+                           in_order=in_order)
   return blocked_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
                            in_order=in_order)
 

@@ -5,27 +5,62 @@
 """
 
 from nanogptoss_jax.kernels import moe_dispatch
+from nanogptoss_jax.kernels import mxfp4 as kernel_mxfp4
+from nanogptoss_jax.model import mxfp4 as plain_mxfp4
 
-ATTENTION_IMPLS = ("auto", "plain", "blocked")  # blocked: kernels.attention
+ATTENTION_IMPLS = ("auto", "plain", "blocked", "flash")  # kernels.attention, .flash_attention
 MATMUL_IMPLS = ("auto", "plain", "transposed_grad")  # transposed_grad: kernels.matmul
-LOSS_IMPLS = ("auto", "plain", "fused")  # fused: kernels.cross_entropy
+LOSS_IMPLS = ("auto", "plain", "fused", "chunked")  # kernels.cross_entropy, .chunked_*
 MOE_IMPLS = ("auto", "dense", "sorted", "ragged")  # dense is the plain one
+EXPERT_FORMATS = ("float", "mxfp4")  # mxfp4: model/mxfp4.py
+MXFP4_IMPLS = ("auto", "plain", "bits")  # bits: kernels.mxfp4
+# Rematerialisation in training (model/gptoss.py): none; each block recomputed in the backward
+# pass; or each block recomputed except the outputs of its matmuls (model/layers.py names them).
+REMAT_POLICIES = ("none", "block", "matmuls")
+MATMUL_OUTPUT = "matmul_output"
 
 # The sorted dispatch moves each block's expert weights about three times (the gather reads and
 # writes them, the matmul reads the copy); the dense one reads every expert's weights once.
 SORTED_WEIGHT_PASSES = 3
 
 
-def attention_impl(name: str) -> str:
-  return "blocked" if name == "auto" else name
+# `auto` keeps the blocked kernel while its saved probabilities stay small (it is faster on the
+# CPU there: docs/benchmarks.md) and switches to flash attention, whose memory grows with T
+# instead of T * S, from this many (query, key) pairs per sequence on.
+FLASH_FROM_PAIRS = 1024 * 1024
+
+
+def attention_impl(name: str, queries: int = 0, keys: int = 0) -> str:
+  if name != "auto":
+    return name
+  return "flash" if queries * keys >= FLASH_FROM_PAIRS else "blocked"
 
 
 def matmul_impl(name: str) -> str:
   return "transposed_grad" if name == "auto" else name
 
 
-def loss_impl(name: str) -> str:
-  return "fused" if name == "auto" else name
+# `auto` keeps the fused loss (fastest on the CPU) while its saved [N, V] float32
+# exponentials stay under this size, and goes to the chunked one beyond.
+CHUNKED_LOSS_FROM_BYTES = 1 << 30
+
+
+def loss_impl(name: str, tokens: int = 0, vocab: int = 0) -> str:
+  if name != "auto":
+    return name
+  return "chunked" if 4 * tokens * vocab > CHUNKED_LOSS_FROM_BYTES else "fused"
+
+
+def mxfp4_decode(name: str):
+  """The MXFP4 decode a config's `mxfp4_impl` picks (both give bit-equal values)."""
+  return plain_mxfp4.decode if name == "plain" else kernel_mxfp4.decode
+
+
+def decode_selected(tokens: int, num_experts: int, per_token: int) -> bool:
+  """With MXFP4 experts: decode only the experts the sorted dispatch's blocks pick when that is
+  fewer than all of them (a decode step), else decode every expert once (a prefill)."""
+  assignments = tokens * per_token
+  return moe_dispatch.num_blocks(assignments, num_experts) < num_experts
 
 
 def moe_impl(name: str, tokens: int, num_experts: int, per_token: int) -> str:

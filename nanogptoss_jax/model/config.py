@@ -92,9 +92,14 @@ class GptOssConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   moe_impl: str = "auto"
+  # "mxfp4": expert matrices stay as OpenAI's 4-bit blocks + scales (model/mxfp4.py), decoded
+  # inside the MoE per selected expert; "float": ordinary trainable weights.
+  expert_format: str = "float"
+  mxfp4_impl: str = "auto"
   attention_impl: str = "auto"
   matmul_impl: str = "auto"
   loss_impl: str = "auto"
+  remat: str = "none"  # choices.REMAT_POLICIES: what the backward pass recomputes
   stop_tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
@@ -126,6 +131,16 @@ class GptOssConfig:
                (round(low, 3), round(high, 3)))
     _require(self.moe_impl in choices.MOE_IMPLS, "moe_impl",
              f"must be one of {choices.MOE_IMPLS}", self.moe_impl)
+    _require(self.expert_format in choices.EXPERT_FORMATS, "expert_format",
+             f"must be one of {choices.EXPERT_FORMATS}", self.expert_format)
+    _require(self.mxfp4_impl in choices.MXFP4_IMPLS, "mxfp4_impl",
+             f"must be one of {choices.MXFP4_IMPLS}", self.mxfp4_impl)
+    _require(self.remat in choices.REMAT_POLICIES, "remat",
+             f"must be one of {choices.REMAT_POLICIES}", self.remat)
+    if self.expert_format == "mxfp4":  # one scale per 32 input values
+      _require(self.hidden_size % 32 == 0 and self.intermediate_size % 32 == 0,
+               "hidden_size/intermediate_size", "must be multiples of 32 for MXFP4 experts",
+               (self.hidden_size, self.intermediate_size))
     _check_shared(self)
 
   @property

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.attention import Attention
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, empty_cache
@@ -15,7 +16,8 @@ from nanogptoss_jax.model.rope import rope_tables, rope_tables_in_order
 from nanogptoss_jax.model.unembedding import Unembedding
 
 # The parameters that exist once per expert, stacked along a leading [E] axis.
-EXPERT_PARAMS = ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias")
+EXPERT_PARAMS = ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias", "mlp1_blocks",
+                 "mlp1_scales", "mlp2_blocks", "mlp2_scales")
 
 
 class Block(nnx.Module):
@@ -61,8 +63,8 @@ class GptOss(nnx.Module):
     x = self.embedding(tokens)  # [B, T, D]
     new_cache, stats = [], []
     for layer, block in enumerate(self.blocks):
-      x, layer_cache, layer_stats = block(x, positions, rope, None if cache is None else cache[layer],
-                                          in_order=in_order)
+      x, layer_cache, layer_stats = self._block(block, in_order)(
+          x, positions, rope, None if cache is None else cache[layer])
       new_cache.append(layer_cache)
       stats.append(layer_stats)
     hidden = self.norm(x)
@@ -70,6 +72,15 @@ class GptOss(nnx.Module):
     aux = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
     return ModelOutput(logits=logits, hidden=hidden, cache=None if cache is None else new_cache,
                        aux=aux)
+
+  def _block(self, block, in_order: bool):
+    """`block`, or under `cfg.remat` a version whose backward pass recomputes it (training)."""
+    if self.cfg.remat == "none":
+      return lambda *args: block(*args, in_order=in_order)
+    policy = (jax.checkpoint_policies.save_only_these_names(choices.MATMUL_OUTPUT)
+              if self.cfg.remat == "matmuls" else None)
+    remat = nnx.remat(lambda block, *args: block(*args, in_order=in_order), policy=policy)
+    return lambda *args: remat(block, *args)
 
   def init_cache(self, batch: int, max_length: int) -> list[LayerCache]:
     """An empty cache for `max_length` positions; sliding layers keep only a window-sized ring."""
@@ -87,7 +98,8 @@ class GptOss(nnx.Module):
     of its "active" figure (3.6B for gpt-oss-20b); ours is that plus vocab_size * hidden_size.
     """
     total = count_params(self)
+    # MXFP4 storage counts its stored elements (a byte holds two weights).
     experts = sum(param_size(getattr(block.mlp, name)) for block in self.blocks
-                  for name in EXPERT_PARAMS)
+                  for name in EXPERT_PARAMS if hasattr(block.mlp, name))
     unused = self.cfg.num_experts - self.cfg.experts_per_token
     return {"total": total, "active": total - experts * unused // self.cfg.num_experts}

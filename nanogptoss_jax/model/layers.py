@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from nanogptoss_jax.kernels import matmul as kernel_matmul
 from nanogptoss_jax.model import choices
@@ -52,6 +53,12 @@ def matmul_for(impl: str):
 def linear(in_features: int, out_features: int, *, matmul_impl: str = "auto",
            **kwargs) -> nnx.Linear:
   """`nnx.Linear` whose product runs through the matmul `matmul_impl` picks (same parameters)."""
-  if choices.matmul_impl(matmul_impl) == "transposed_grad":
-    kwargs["dot_general"] = kernel_matmul.linear_dot_general
-  return nnx.Linear(in_features, out_features, **kwargs)
+  dot_general = (kernel_matmul.linear_dot_general
+                 if choices.matmul_impl(matmul_impl) == "transposed_grad" else jax.lax.dot_general)
+
+  def named_dot_general(*args, **options):
+    # The `matmuls` remat policy keeps exactly these values: `dots_saveable` cannot see the
+    # product inside the custom-VJP matmul.
+    return checkpoint_name(dot_general(*args, **options), choices.MATMUL_OUTPUT)
+
+  return nnx.Linear(in_features, out_features, dot_general=named_dot_general, **kwargs)

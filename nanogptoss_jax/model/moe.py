@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogptoss_jax.kernels import moe_dispatch
-from nanogptoss_jax.model import choices
+from nanogptoss_jax.model import choices, mxfp4
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.layers import (RMSNorm, dtype_of, linear, matmul_for, normal_init,
                                          residual_init)
@@ -80,10 +80,15 @@ class MoE(nnx.Module):
                        param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
     # Layouts are [E, in, out] (the reference stores [E, out, in]); mlp1's 2F output channels
     # interleave gate and linear units, as in the reference.
-    self.mlp1_weight = nnx.Param(normal_init()(rngs.params(), (experts, hidden, 2 * inter), param_dtype))
+    if cfg.expert_format == "mxfp4":  # loaded from a checkpoint; [E, out, in/32, 16] + scales
+      self.mlp1_blocks, self.mlp1_scales = mxfp4_params(experts, 2 * inter, hidden)
+      self.mlp2_blocks, self.mlp2_scales = mxfp4_params(experts, hidden, inter)
+    else:
+      self.mlp1_weight = nnx.Param(normal_init()(rngs.params(), (experts, hidden, 2 * inter),
+                                                 param_dtype))
+      self.mlp2_weight = nnx.Param(residual_init(cfg.num_hidden_layers)(
+          rngs.params(), (experts, inter, hidden), param_dtype))
     self.mlp1_bias = nnx.Param(jnp.zeros((experts, 2 * inter), param_dtype))
-    self.mlp2_weight = nnx.Param(residual_init(cfg.num_hidden_layers)(
-        rngs.params(), (experts, inter, hidden), param_dtype))
     self.mlp2_bias = nnx.Param(jnp.zeros((experts, hidden), param_dtype))
     self.dtype = dtype
 
@@ -106,8 +111,7 @@ class MoE(nnx.Module):
     if impl != "ragged":
       options["matmul"] = matmul_for(self.cfg.matmul_impl)
     expert_fn = functools.partial(EXPERT_FUNCTIONS[impl], **options)
-    weights = tuple(p[...].astype(self.dtype) for p in
-                    (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias))
+    weights = self.expert_weights(impl, t.shape[1])
     weight_axis = None
     if impl == "ragged":
       # ragged_dot's batching rule wants every operand batched along axis 0.
@@ -118,6 +122,33 @@ class MoE(nnx.Module):
     num_experts, per_token = logits.shape[-1], top_experts.shape[-1]
     stats = router_stats(logits.reshape(-1, num_experts), top_experts.reshape(-1, per_token))
     return out.reshape(batch, length, hidden).astype(x.dtype), stats
+
+
+  def expert_weights(self, impl: str, tokens: int) -> tuple:
+    """(w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D]) in the compute dtype.
+
+    MXFP4 matrices come as `Mxfp4Experts`, which the sorted dispatch indexes by the experts its
+    blocks select, so a decode step decodes only those; elsewhere every expert is decoded once.
+    """
+    b1, b2 = self.mlp1_bias[...].astype(self.dtype), self.mlp2_bias[...].astype(self.dtype)
+    if self.cfg.expert_format != "mxfp4":
+      return (self.mlp1_weight[...].astype(self.dtype), b1,
+              self.mlp2_weight[...].astype(self.dtype), b2)
+    decode = choices.mxfp4_decode(self.cfg.mxfp4_impl)
+    w1, w2 = (mxfp4.Mxfp4Experts(blocks[...], scales[...], decode, self.dtype) for blocks, scales
+              in ((self.mlp1_blocks, self.mlp1_scales), (self.mlp2_blocks, self.mlp2_scales)))
+    if impl != "sorted" or not choices.decode_selected(tokens, self.cfg.num_experts,
+                                                        self.cfg.experts_per_token):
+      w1, w2 = w1.dequantize(), w2.dequantize()
+    return w1, b1, w2, b2
+
+
+def mxfp4_params(experts: int, out_features: int, in_features: int) -> tuple[nnx.Param, nnx.Param]:
+  """Zeroed MXFP4 storage for [E, out, in] (a loader fills it): blocks and biased exponents."""
+  groups = in_features // mxfp4.VALUES_PER_BLOCK
+  blocks = jnp.zeros((experts, out_features, groups, mxfp4.BYTES_PER_BLOCK), jnp.uint8)
+  return nnx.Param(blocks), nnx.Param(jnp.full((experts, out_features, groups),
+                                               mxfp4.SCALE_BIAS, jnp.uint8))
 
 
 def router_stats(logits: jax.Array, top_experts: jax.Array) -> dict:

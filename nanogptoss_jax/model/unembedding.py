@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nanogptoss_jax.kernels.chunked_cross_entropy import chunked_cross_entropy
 from nanogptoss_jax.kernels.cross_entropy import unembed_cross_entropy
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.layers import dtype_of, normal_init
@@ -20,7 +21,8 @@ def plain_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array)
   return jax.nn.logsumexp(logits, axis=-1) - label_logits
 
 
-CROSS_ENTROPY = {"plain": plain_cross_entropy, "fused": unembed_cross_entropy}
+CROSS_ENTROPY = {"plain": plain_cross_entropy, "fused": unembed_cross_entropy,
+                 "chunked": chunked_cross_entropy}
 
 
 class Unembedding(nnx.Module):
@@ -43,7 +45,8 @@ class Unembedding(nnx.Module):
 
   def cross_entropy(self, x: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-token loss [...] of hidden states x [..., D] against integer labels [...]."""
-    loss_fn = CROSS_ENTROPY[choices.loss_impl(self.loss_impl)]
+    tokens, vocab = labels.size, self.kernel.shape[1]
+    loss_fn = CROSS_ENTROPY[choices.loss_impl(self.loss_impl, tokens, vocab)]
     flat = loss_fn(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.compute_kernel(),
                    labels.reshape(-1))
     return flat.reshape(labels.shape)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything issue 18 wants measured on a GPU, in <= 5 minutes, each part independent.
+#
+#   OUT=/some/dir PYTHONPATH=. bash benchmarks/gpu_check.sh
+#
+# Made for a lent machine with its own JAX (seen: 0.11.2, CUDA 13, Python 3.12, no grain or
+# datasets, no internet): synthetic batches only. Each part runs under its own timeout and
+# writes $OUT/<part>.txt as it goes; $OUT/summary.txt gets one line per part (rc, seconds).
+# A part that fails or times out does not stop the next one.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # peak memory figures mean what the step used
+PY=${PYTHON:-python3}
+
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.txt"
+  timeout -k 5 "$limit" "$@" >> "$OUT/$name.txt" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt" >> "$OUT/$name.txt"
+  tail -n 4 "$OUT/$name.txt"
+}
+
+part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  $PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'"
+# The kernel tests compiled for the GPU; float32 at full precision (TF32 would miss 1e-5).
+part kernel_tests 70 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -x -q \
+  -p no:cacheprovider tests/test_flash_attention.py tests/test_chunked_cross_entropy.py \
+  tests/test_kernels.py -k "not plain_model"
+# Attention forward + backward: plain XLA, blocked, flash (Pallas when present) vs
+# jax.nn.dot_product_attention (XLA's and cuDNN's, which have no sinks).
+part attention_bench 50 $PY benchmarks/bench_attention.py --lengths 1024,4096 --batch 16 \
+  --impls plain,blocked,flash,dpa,dpa_cudnn --dtype bfloat16 --rounds 5
+# The medium train step (tok/s, MFU against the measured f32 peak, peak memory) at 512 and 4000.
+part train_medium_512 55 $PY benchmarks/bench_train.py --configs medium --steps 3
+part train_medium_4k 55 $PY benchmarks/bench_train.py --configs medium_4k --steps 3
+if [ -f benchmarks/mxfp4_moe.py ]; then
+  part mxfp4_moe 40 $PY benchmarks/mxfp4_moe.py
+fi
+echo "done; results in $OUT" | tee -a "$OUT/summary.txt"

@@ -1,0 +1,41 @@
+"""Export a trained run (or a loaded checkpoint directory) to the Hugging Face layout.
+
+example: nanogptoss-export --checkpoint runs/nano --out exports/nano
+"""
+
+import argparse
+import logging
+import os
+
+from nanogptoss_jax import cli
+from nanogptoss_jax.commands.generate import _Parser
+
+
+def parser() -> argparse.ArgumentParser:
+  parse = _Parser(prog="nanogptoss-export", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+  parse.add_argument("--checkpoint", required=True,
+                     help="a run directory written by train.py, or a gpt-oss checkpoint directory")
+  parse.add_argument("--out", required=True, help="directory to write (created if missing)")
+  parse.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+  parse.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
+  return parse
+
+
+def _export(argv: list[str]) -> None:
+  args = parser().parse_args(argv)
+  cli.setup_logging(absl_level=logging.ERROR)
+  # Imported here, after `cli.run` set the process up (JAX is heavy to import).
+  from nanogptoss_jax.pretrained.export import save_pretrained
+  from nanogptoss_jax.pretrained.load import load_pretrained
+  from nanogptoss_jax.training.checkpoints import load_checkpoint
+  if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+    model, tokenizer = load_pretrained(args.checkpoint, dtype="float32")
+  else:
+    model, tokenizer = load_checkpoint(args.checkpoint)
+  save_pretrained(model, tokenizer, args.out, dtype=args.dtype)
+  print(f"wrote {args.out} (Hugging Face layout, {args.dtype})")
+
+
+def main(argv: list[str] | None = None) -> None:
+  cli.run(_export, argv)

@@ -1,0 +1,62 @@
+"""An OpenAI-compatible HTTP server (with a chat page at /) over a checkpoint.
+
+example: nanogptoss-serve --checkpoint runs/nano --port 8000   # then open http://127.0.0.1:8000/
+"""
+
+import argparse
+import logging
+
+from nanogptoss_jax import cli
+from nanogptoss_jax.commands.generate import _number, _Parser
+
+
+def parser() -> argparse.ArgumentParser:
+  parse = _Parser(prog="nanogptoss-serve", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+  parse.add_argument("--checkpoint", required=True,
+                     help="a run directory written by train.py, or a pretrained gpt-oss directory")
+  parse.add_argument("--host", default="127.0.0.1")
+  parse.add_argument("--port", type=_number(int, 0, 65535), default=8000)
+  parse.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+  parse.add_argument("--slots", type=_number(int, 1), default=8,
+                     help="requests decoded together (continuous batching)")
+  parse.add_argument("--max-queue", type=_number(int, 1), default=64,
+                     help="waiting requests beyond this get 429")
+  parse.add_argument("--context", type=_number(int, 2), default=None,
+                     help="cache length per slot (default: the model's max_positions)")
+  parse.add_argument("--chat-format", choices=("auto", "harmony", "plain"), default="auto")
+  parse.add_argument("--model-name", default=None, help="the id in /v1/models")
+  parse.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
+  return parse
+
+
+def _serve(argv: list[str]) -> None:
+  args = parser().parse_args(argv)
+  cli.setup_logging(absl_level=logging.ERROR)
+  import pathlib
+
+  import uvicorn
+
+  from nanogptoss_jax.serving.app import Service
+  from nanogptoss_jax.serving.engine import Engine
+  from nanogptoss_jax.serving.open_model import open_model
+  from nanogptoss_jax.serving.routes import create_app
+  model, tokenizer, plain = open_model(args.checkpoint, args.chat_format)
+  engine = Engine(model, slots=args.slots, cache_length=args.context, max_queue=args.max_queue)
+  name = args.model_name or pathlib.Path(args.checkpoint).resolve().name
+  service = Service(engine, tokenizer, model_name=name, plain_text=plain)
+  logging.warning("serving %s (%s) on http://%s:%d/", name, "plain text" if plain else "harmony",
+                  args.host, args.port)
+  try:
+    uvicorn.run(create_app(service, api_key=args.api_key), host=args.host, port=args.port,
+                log_level="warning")
+  finally:
+    engine.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+  cli.run(_serve, argv)
+
+
+if __name__ == "__main__":
+  main()

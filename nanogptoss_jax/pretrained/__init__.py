@@ -1,0 +1,1 @@
+"""Published GPT-OSS checkpoints in and out: OpenAI's original layout and Hugging Face's."""

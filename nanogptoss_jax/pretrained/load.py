@@ -1,0 +1,171 @@
+"""load_pretrained: a published checkpoint directory -> (GptOss, tokenizer), tensor by tensor.
+
+Each tensor is read from its memory-mapped file, brought to our layout and dtype on the host,
+placed on its sharding, and dropped, so host memory holds about one tensor at a time.
+"""
+
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.model import mxfp4
+from nanogptoss_jax.model.gptoss import GptOss
+from nanogptoss_jax.pretrained import config_map, names
+from nanogptoss_jax.pretrained.layout import ORIGINAL, Checkpoint, open_checkpoint
+from nanogptoss_jax.pretrained.safetensors_io import CheckpointError
+from nanogptoss_jax.pretrained.tokenizer import tokenizer_for
+
+MXFP4_MODES = ("keep", "dequantize")
+SHARD_AXIS = "fsdp"
+GB = 1e9
+PROGRESS_EVERY_S = 5.0  # seconds between progress lines on stderr
+SHARD_MIN_ELEMENTS = 1 << 16  # smaller tensors are replicated: splitting them saves little
+
+
+def default_dtype() -> str:
+  # bf16 on accelerators; on the CPU float32, as bf16 matmuls measured far slower there.
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def default_mesh():
+  """All local devices on one `fsdp` axis, or None for a single device."""
+  devices = jax.local_devices()
+  if len(devices) == 1:
+    return None
+  return jax.make_mesh((len(devices),), (SHARD_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def sharding_for(mesh, shape: tuple[int, ...]):
+  """Large tensors split over `fsdp` along their first divisible axis; small ones replicated."""
+  if mesh is None:
+    return None
+  size = mesh.shape.get(SHARD_AXIS, 1)
+  spec = [None] * len(shape)
+  if size > 1 and np.prod(shape) >= SHARD_MIN_ELEMENTS:
+    for axis, length in enumerate(shape):
+      if length % size == 0:
+        spec[axis] = SHARD_AXIS
+        break
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+class _Progress:
+  """`loading: 120/459 tensors, 5.2/13.8 GB, 1.3 GB/s` on stderr, every PROGRESS_EVERY_S."""
+
+  def __init__(self, tensors: int, nbytes: int):
+    self.total, self.total_bytes = tensors, nbytes
+    self.start = self.last = time.perf_counter()
+
+  def update(self, done: int, nbytes: int) -> None:
+    now = time.perf_counter()
+    if now - self.last >= PROGRESS_EVERY_S and done < self.total:
+      self.last = now
+      print(f"loading: {done}/{self.total} tensors, {nbytes / GB:.1f}/"
+            f"{self.total_bytes / GB:.1f} GB, {nbytes / GB / (now - self.start):.2f} GB/s",
+            file=sys.stderr, flush=True)
+
+
+def _read(ckpt: Checkpoint, path: tuple, table: dict) -> tuple[np.ndarray, bool, list[str]]:
+  """Our parameter `path` as a host array still in its file's dtype, whether its last two axes
+  still need swapping into our layout, and the tensor names it used."""
+  expert = names.expert_path(path)
+  if expert is not None and expert[2] != "weight":  # kept MXFP4 storage, read as is
+    layer, matrix, part = expert
+    name = names.mxfp4_names(ckpt.layout, layer, matrix)[part == "scales"]
+    return ckpt.get(name), False, [name]
+  source_names, swap = table[path]
+  if expert is not None and not ckpt.has(source_names[0]):  # MXFP4 source, decoded here
+    blocks, scales = names.mxfp4_names(ckpt.layout, expert[0], expert[1])
+    return mxfp4.decode_numpy(ckpt.get(blocks), ckpt.get(scales)), True, [blocks, scales]
+  parts = [ckpt.get(name) for name in source_names]
+  value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+  return value, swap, list(source_names)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "swap"))
+def _to_layout(value: jax.Array, dtype, swap: bool) -> jax.Array:
+  # On the device, not in numpy: the host then never holds a converted copy (bf16 -> f32 is
+  # twice the file's bytes), and XLA converts on every core where ml_dtypes uses one.
+  value = jnp.swapaxes(value, -1, -2) if swap else value
+  return value.astype(dtype)
+
+
+def read_config(ckpt: Checkpoint) -> dict:
+  if ckpt.layout == ORIGINAL:
+    return config_map.from_original(ckpt.config)
+  return config_map.from_hugging_face(ckpt.config)
+
+
+def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep", mesh=None):
+  """(GptOss, tokenizer) from a directory in OpenAI's original or Hugging Face's layout.
+
+  mxfp4="keep": MXFP4 expert weights stay 4-bit in memory, decoded in the MoE per selected
+  expert; "dequantize": float weights in `dtype` (trainable). dtype None: float32 on the CPU,
+  bfloat16 elsewhere. mesh None: every local device on an `fsdp` axis.
+  """
+  if mxfp4 not in MXFP4_MODES:
+    raise UserError(f"mxfp4={mxfp4!r} must be one of {MXFP4_MODES}")
+  start = time.perf_counter()
+  ckpt = open_checkpoint(path)
+  dtype = dtype or default_dtype()
+  tokenizer = tokenizer_for(path)
+  quantized = ckpt.has(names.mxfp4_names(ckpt.layout, 0, "mlp1")[0])
+  fields = read_config(ckpt)
+  vocab = fields.get("vocab_size", tokenizer.vocab_size)
+  if vocab != tokenizer.vocab_size:  # a test-sized model: its ids are a prefix of the tokenizer's
+    print(f"note: vocab_size={vocab} differs from the tokenizer's {tokenizer.vocab_size}",
+          file=sys.stderr)
+  try:
+    cfg = config_map.to_config(
+        fields, dtype=dtype, param_dtype=dtype,
+        stop_tokens=tuple(t for t in tokenizer.stop_ids if t < vocab),
+        expert_format="mxfp4" if quantized and mxfp4 == "keep" else "float")
+  except UserError as e:
+    raise CheckpointError(f"{path}/config.json: {e}") from None
+  mesh = default_mesh() if mesh is None else mesh
+  model = nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  flat = dict(nnx.to_flat_state(state))
+  table = names.float_table(ckpt.layout, cfg.num_hidden_layers)
+  used, nbytes = set(), 0
+  progress = _Progress(len(flat), sum(int(np.prod(v.shape)) * jnp.dtype(
+      v.dtype if v.dtype == jnp.uint8 else dtype).itemsize for v in flat.values()))
+  for done, (path_, variable) in enumerate(flat.items(), 1):
+    target = variable.dtype if variable.dtype == jnp.uint8 else jnp.dtype(dtype)
+    value, swap, sources = _read(ckpt, path_, table)
+    shape = value.shape[:-2] + value.shape[:-3:-1] if swap else value.shape
+    if shape != variable.shape:
+      raise CheckpointError(f"tensor {' + '.join(sources)} has shape {shape} in our layout;"
+                            f" the config needs {variable.shape}")
+    used.update(sources)
+    sharding = sharding_for(mesh, value.shape)
+    array = jax.device_put(value, sharding)
+    del value  # a memory-mapped view or a decoded copy; the device holds the tensor now
+    if swap or array.dtype != target:
+      array = _to_layout(array, target, swap)
+      if mesh is not None:  # after a swap the axis to split may be another; a no-op if not
+        array = jax.device_put(array, sharding_for(mesh, array.shape))
+    nbytes += array.nbytes
+    variable.set_value(array)
+    progress.update(done, nbytes)
+  unexpected = sorted(set(ckpt.files) - used)
+  if unexpected:
+    raise CheckpointError(f"{path} holds {len(unexpected)} tensors the config has no place for,"
+                          f" e.g. {unexpected[0]} (is num_hidden_layers right?)")
+  seconds = time.perf_counter() - start
+  print(f"loaded {len(flat)} tensors, {nbytes / GB:.2f} GB ({ckpt.layout}, mxfp4={mxfp4}) in "
+        f"{seconds:.1f} s, {nbytes / GB / max(seconds, 1e-9):.2f} GB/s", file=sys.stderr)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat)), tokenizer
+
+
+def model_bytes(model) -> int:
+  """Bytes of a model's weights (works on an `nnx.eval_shape` model)."""
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)

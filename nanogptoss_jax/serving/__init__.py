@@ -1,0 +1,1 @@
+"""Serving: a continuous-batching engine, an OpenAI-compatible HTTP API and a chat page."""
