@@ -29,13 +29,13 @@ part() {  # part NAME SECONDS COMMAND...
 part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
   $PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'"
 # The kernel tests compiled for the GPU; float32 at full precision (TF32 would miss 1e-5).
-part kernel_tests 70 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -x -q \
-  -p no:cacheprovider tests/test_flash_attention.py tests/test_chunked_cross_entropy.py \
+part kernel_tests 110 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -x -q \
+  -p no:cacheprovider tests/test_flash_attention.py tests/test_pallas_attention.py tests/test_chunked_cross_entropy.py \
   tests/test_kernels.py -k "not plain_model"
 # Attention forward + backward: plain XLA, blocked, flash (Pallas when present) vs
 # jax.nn.dot_product_attention (XLA's and cuDNN's, which have no sinks).
 part attention_bench 50 $PY benchmarks/bench_attention.py --lengths 1024,4096 --batch 16 \
-  --impls plain,blocked,flash,dpa,dpa_cudnn --dtype bfloat16 --rounds 5
+  --impls plain,blocked,flash,pallas,dpa,dpa_cudnn --dtype bfloat16 --rounds 5
 # The medium train step (tok/s, MFU against the measured f32 peak, peak memory) at 512 and 4000.
 part train_medium_512 55 $PY benchmarks/bench_train.py --configs medium --steps 3
 part train_medium_4k 55 $PY benchmarks/bench_train.py --configs medium_4k --steps 3

@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def tinystories_dir() -> Path:
 
 def pytest_terminal_summary(terminalreporter):
   """The fault-injection suite's table: every fault tried, whether the run survived, what was lost."""
-  from tests import test_faults
-  if test_faults.FAULT_TABLE:
+  # pytest may have imported the module as `test_faults` or `tests.test_faults`.
+  modules = {id(module): module for name, module in list(sys.modules.items())
+             if name.endswith("test_faults")}
+  rows = [row for module in modules.values() for row in getattr(module, "FAULT_TABLE", [])]
+  if rows:
     terminalreporter.write_line("\nfaults tried | survived | data lost")
-    for row in test_faults.FAULT_TABLE:
+    for row in rows:
       terminalreporter.write_line(" | ".join(row))

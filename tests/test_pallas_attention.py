@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from nanogptoss_jax.kernels.pallas_attention import pallas_attention
+from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.attention import attention, visible
 from tests.reference import relative_error
 from tests.test_flash_attention import TOLERANCE, _grads, _normal
@@ -17,9 +18,9 @@ BLOCKS = dict(row_block=16, key_block=16)  # Triton's smallest dot: many blocks 
 # (batch, kv heads, groups, head dim, length, window, sinks, keys in order): interpret mode
 # runs each grid step in Python, so the shapes are small but still span several blocks.
 CASES = [(1, 1, 1, 8, 37, None, False, True), (1, 2, 2, 4, 21, 1, True, True),
-         (2, 1, 3, 16, 45, 128, True, False), (1, 1, 4, 8, 29, 40, True, True),
+         (2, 1, 3, 16, 45, 12, True, True), (1, 1, 4, 8, 29, 40, True, True),
          (1, 1, 5, 8, 19, 7, True, True), (1, 2, 6, 4, 13, 1, True, False),
-         (1, 1, 7, 8, 17, 30, False, True), (1, 1, 8, 16, 23, 128, True, True)]
+         (1, 1, 7, 8, 17, 30, False, True), (1, 1, 8, 16, 23, 128, True, False)]
 
 
 def _shape(case):
@@ -55,3 +56,13 @@ def test_pallas_over_a_cache_with_unknown_positions():
         q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible, **BLOCKS))(q, k, v)
     theirs = attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks)
     assert relative_error(ours, theirs) <= TOLERANCE
+
+
+def test_auto_picks_pallas_only_on_the_gpu(monkeypatch):
+  monkeypatch.setattr(choices.jax, "default_backend", lambda: "gpu")
+  assert choices.attention_impl("auto", 256, 256) == "blocked"  # until proven on a GPU
+  monkeypatch.setattr(choices, "PALLAS_ON_GPU", True)
+  assert choices.attention_impl("auto", 256, 256) == "pallas"
+  assert choices.attention_impl("flash", 256, 256) == "flash"
+  monkeypatch.setattr(choices.jax, "default_backend", lambda: "cpu")
+  assert choices.attention_impl("auto", 4096, 4096) == "flash"

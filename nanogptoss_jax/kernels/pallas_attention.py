@@ -108,7 +108,7 @@ def _row_range(j, row_blocks, st):
   if st.window is None:
     return lo, row_blocks
   last_query = j * st.key_block + st.key_block - 1 + st.window - 1
-  return lo, jnp.minimum(row_blocks, (last_query * st.groups) // st.row_block + 1)
+  return lo, jnp.minimum(row_blocks, (last_query * st.groups + st.groups - 1) // st.row_block + 1)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, row_pos_ref, key_pos_ref, sink_ref, out_ref, lse_ref,

@@ -12,6 +12,7 @@ from flax import nnx
 
 from nanogptoss_jax.kernels.attention import MASKED, blocked_attention
 from nanogptoss_jax.kernels.flash_attention import flash_attention
+from nanogptoss_jax.kernels.pallas_attention import pallas_attention
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, cache_write
@@ -62,6 +63,9 @@ def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", in_order
   impl = choices.attention_impl(impl, q.shape[1], k.shape[2])
   if impl == "plain":
     return attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks)
+  if impl == "pallas":
+    return pallas_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
+                            in_order=in_order)
   if impl == "flash":
     return flash_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
                            in_order=in_order)

@@ -4,11 +4,14 @@
 `auto` picks what measured fastest on CPU and GPU alike; `plain` is the readable math.
 """
 
+import jax
+
 from nanogptoss_jax.kernels import moe_dispatch
 from nanogptoss_jax.kernels import mxfp4 as kernel_mxfp4
 from nanogptoss_jax.model import mxfp4 as plain_mxfp4
 
-ATTENTION_IMPLS = ("auto", "plain", "blocked", "flash")  # kernels.attention, .flash_attention
+# kernels.attention, .flash_attention, .pallas_attention
+ATTENTION_IMPLS = ("auto", "plain", "blocked", "flash", "pallas")
 MATMUL_IMPLS = ("auto", "plain", "transposed_grad")  # transposed_grad: kernels.matmul
 LOSS_IMPLS = ("auto", "plain", "fused", "chunked")  # kernels.cross_entropy, .chunked_*
 MOE_IMPLS = ("auto", "dense", "sorted", "ragged")  # dense is the plain one
@@ -30,9 +33,16 @@ SORTED_WEIGHT_PASSES = 3
 FLASH_FROM_PAIRS = 1024 * 1024
 
 
+PALLAS_ON_GPU = False
+
+
 def attention_impl(name: str, queries: int = 0, keys: int = 0) -> str:
   if name != "auto":
     return name
+  # The Pallas kernel is proven only in interpret mode so far: `auto` keeps the plain-JAX flash
+  # kernel on GPUs until benchmarks/gpu_check.sh has compiled and timed it there.
+  if jax.default_backend() == "gpu" and PALLAS_ON_GPU:
+    return "pallas"
   return "flash" if queries * keys >= FLASH_FROM_PAIRS else "blocked"
 
 
