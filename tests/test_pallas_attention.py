@@ -11,7 +11,7 @@ from nanogptoss_jax.kernels.pallas_attention import pallas_attention
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.attention import attention, visible
 from tests.reference import relative_error
-from tests.test_flash_attention import TOLERANCE, _grads, _normal
+from tests.test_flash_attention import TOLERANCE, _normal, assert_equals_plain
 
 BLOCKS = dict(row_block=16, key_block=16)  # Triton's smallest dot: many blocks at small T
 
@@ -36,12 +36,7 @@ def _pallas(shape):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[2]}-T{c[4]}-w{c[5]}")
 def test_pallas_equals_plain_attention(case):
   shape = _shape(case)
-  out, grads = _grads(_pallas(shape), shape)
-  plain_out, plain_grads = _grads(attention, shape)
-  for name, ours, theirs in zip(("output", "dq", "dk", "dv", "dsink"),
-                                (out,) + tuple(grads), (plain_out,) + tuple(plain_grads)):
-    err = relative_error(ours, theirs)
-    assert err <= TOLERANCE, f"{name} {shape}: relative error {err:.2e}"
+  assert_equals_plain(_pallas(shape), shape)
 
 
 def test_pallas_over_a_cache_with_unknown_positions():
