@@ -11,6 +11,7 @@ import requests
 from nanogptoss_jax.chat import harmony
 from nanogptoss_jax.data.tokenizer import CompactTokenizer, FullTokenizer, byte_base_ids
 from nanogptoss_jax.sampling.decode import generate
+from nanogptoss_jax.serving import prefill
 from nanogptoss_jax.serving.engine import Engine, Request
 from tests.serving_helpers import serve, tiny_model
 
@@ -83,15 +84,26 @@ def _run_together(engine, prompts, seeds, max_tokens=20):
   return results
 
 
+def test_prefill_batches_pad_to_few_sizes():
+  # Joiners share one prefill whose batch is padded, so a server compiles few shapes.
+  assert [prefill.batch_bucket(rows, 16) for rows in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+  assert prefill.batch_buckets(16) == [1, 2, 4, 8, 16] and prefill.batch_buckets(6) == [1, 2, 4, 6]
+
+
 def test_seeded_tokens_do_not_depend_on_batch_mates():
   # A 512-token vocabulary: with 201k near-uniform tokens, ulp-level logit differences between
   # batch shapes move the draw to a neighbouring id too often (a floating-point tie).
   model = tiny_model(512)
   engine = Engine(model, slots=4, cache_length=128)
   try:
+    engine.warm_up(30)  # prompt bucket 32: batch buckets 1, 2 and 4, and the decode chunk
+    compiled = prefill._prefill_jit._cache_size()
     mine = [5, 6, 7, 8, 9]
+    # Four rows in one prefill, all padded to the longest prompt's bucket (32, longer than the
+    # sliding window's ring), then three rows padded to a batch of 4 ...
     first = _run_together(engine, [mine, [1, 2], [3] * 30, [400]], [42, 1, 2, 3])
-    second = _run_together(engine, [[7, 7, 7], mine, [11, 12]], [9, 42, 8])
+    second = _run_together(engine, [[7] * 20, mine, [11, 12]], [9, 42, 8])
+    assert prefill._prefill_jit._cache_size() == compiled  # ... and serving compiled nothing
   finally:
     engine.close()
   assert first[0] == second[1]  # other mates, another slot, same tokens

@@ -5,8 +5,10 @@ example: nanogptoss-serve --checkpoint runs/nano --port 8000   # then open http:
 
 import argparse
 import logging
+import time
 
 from nanogptoss_jax import cli
+from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.commands.generate import _number, _Parser
 
 
@@ -24,6 +26,10 @@ def parser() -> argparse.ArgumentParser:
                      help="waiting requests beyond this get 429")
   parse.add_argument("--context", type=_number(int, 2), default=None,
                      help="cache length per slot (default: the model's max_positions)")
+  parse.add_argument("--warm-up", default="128", metavar="LENGTHS",
+                     help="comma-separated prompt lengths whose prefill (every batch size) "
+                          "compiles before serving, so a burst of requests waits for no "
+                          "compile; '' for none (default: 128)")
   parse.add_argument("--chat-format", choices=("auto", "harmony", "plain"), default="auto")
   parse.add_argument("--model-name", default=None, help="the id in /v1/models")
   parse.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
@@ -43,6 +49,16 @@ def _serve(argv: list[str]) -> None:
   from nanogptoss_jax.serving.routes import create_app
   model, tokenizer, plain = open_model(args.checkpoint, args.chat_format)
   engine = Engine(model, slots=args.slots, cache_length=args.context, max_queue=args.max_queue)
+  try:
+    lengths = [int(n) for n in args.warm_up.split(",") if n.strip()]
+  except ValueError:
+    raise UserError(f"--warm-up {args.warm_up!r} must be comma-separated token counts") from None
+  if lengths:
+    start = time.perf_counter()
+    logging.warning("compiling prefill and decode for prompts of up to %s tokens ...",
+                    max(lengths))
+    engine.warm_up(*lengths)
+    logging.warning("compiled in %.1f s", time.perf_counter() - start)
   name = args.model_name or pathlib.Path(args.checkpoint).resolve().name
   service = Service(engine, tokenizer, model_name=name, plain_text=plain)
   logging.warning("serving %s (%s) on http://%s:%d/", name, "plain text" if plain else "harmony",

@@ -3,9 +3,9 @@
 Each slot owns one row of the KV cache, its own position, sampler settings and RNG stream
 (step t of a request draws with fold_in(key(seed), t)), so a request's tokens do not depend on
 its batch mates. One background thread runs the loop: admit waiting requests into free slots
-(a batch-1 prefill whose cache row replaces the slot's row), run one jitted chunk of
-CHUNK_TOKENS decode steps for all slots, hand each request its tokens, free the slots of
-requests that finished or were cancelled.
+(one batched prefill for all of them, serving/prefill.py, writing each cache row into its
+slot), run one jitted chunk of CHUNK_TOKENS decode steps for all slots, hand each request its
+tokens, free the slots of requests that finished or were cancelled.
 """
 
 import collections
@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from nanogptoss_jax.errors import UserError
-from nanogptoss_jax.sampling.decode import PAD_TOKEN, PADDING_POSITION, prompt_bucket
+from nanogptoss_jax.sampling.decode import PADDING_POSITION
 from nanogptoss_jax.sampling.filters import SamplerSettings, sample_tokens
+from nanogptoss_jax.serving import prefill
 
 CHUNK_TOKENS = 4  # decode steps per jitted call: new requests wait at most this many steps
 _SAMPLER = SamplerSettings(greedy=False, top_k=None, use_top_p=True)
@@ -54,16 +55,6 @@ class Request:
     self.cancelled = True
 
 
-def _prefill_row(graphdef, params, tokens, positions, cache_length):
-  model = nnx.merge(graphdef, params)
-  model.eval()
-  return model.forward(tokens, positions, model.init_cache(1, cache_length)).cache
-
-
-def _place_row(cache, row_cache, slot):
-  return jax.tree.map(lambda big, one: big.at[slot].set(one[0]), cache, row_cache)
-
-
 def _decode_chunk(graphdef, params, cache, token, position, active, keys, steps, temperature,
                   top_p):
   """CHUNK_TOKENS steps for every slot -> (cache, tokens [B, CHUNK_TOKENS])."""
@@ -86,8 +77,6 @@ def _decode_chunk(graphdef, params, cache, token, position, active, keys, steps,
   return cache, token, position, drawn.T
 
 
-_prefill_jit = jax.jit(_prefill_row, static_argnums=(0, 4))
-_place_jit = jax.jit(_place_row, donate_argnums=0)
 _decode_jit = jax.jit(_decode_chunk, static_argnums=0, donate_argnums=2)
 
 
@@ -113,6 +102,7 @@ class Engine:
     self._lock = threading.Condition()
     self._stop = False
     self._seed_counter = 0
+    self._warm: list[tuple[tuple[int, ...], threading.Event]] = []  # warm_up calls to run
     self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
     self._thread.start()
 
@@ -139,30 +129,42 @@ class Engine:
   def busy_slots(self) -> int:
     return sum(r is not None for r in self.running)
 
+  def warm_up(self, *prompt_lengths: int) -> None:
+    """Compiles the decode chunk and, for each length's prompt bucket, the prefill of every
+    batch bucket (prefill.py), on the engine thread between chunks; returns when done.
+
+    Serving then compiles nothing for prompts of those buckets: a first burst of joiners would
+    otherwise wait seconds for XLA. The lengths are token counts (e.g. a typical prompt's).
+    """
+    done = threading.Event()
+    with self._lock:
+      if self._stop:
+        return
+      self._warm.append((prompt_lengths, done))
+      self._lock.notify()
+    done.wait()
+
   def close(self) -> None:
     with self._lock:
       self._stop = True
       self._lock.notify()
     self._thread.join(timeout=30)
 
-  def _admit(self, slot: int, request: Request) -> None:
-    prompt = np.asarray(request.prompt, np.int32)
-    bucket = prompt_bucket(max(len(prompt) - 1, 1))
-    tokens = np.full((1, bucket), PAD_TOKEN, np.int32)
-    positions = np.full((1, bucket), PADDING_POSITION, np.int32)
-    tokens[0, :len(prompt) - 1] = prompt[:-1]
-    positions[0, :len(prompt) - 1] = np.arange(len(prompt) - 1)
-    row = _prefill_jit(self.graphdef, self.params, tokens, positions, self.cache_length)
-    self.cache = _place_jit(self.cache, row, slot)
-    seed = request.seed
-    if seed is None:  # unseeded requests still get distinct streams
-      self._seed_counter += 1
-      seed = hash((id(self), self._seed_counter)) & 0x7FFFFFFF
-    self.keys[slot] = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    self.token[slot], self.position[slot] = prompt[-1], len(prompt) - 1
-    self.temperature[slot], self.top_p[slot] = request.temperature, request.top_p
-    self.running[slot] = request
-    request.started.set()
+  def _admit(self, admit: list[tuple[int, Request]]) -> None:
+    """Prefills the joiners together, then gives each its slot's position, sampler and key."""
+    self.cache = prefill.prefill(self.graphdef, self.params, self.cache,
+                                 [r.prompt for _, r in admit], [s for s, _ in admit],
+                                 self.cache_length)
+    for slot, request in admit:
+      seed = request.seed
+      if seed is None:  # unseeded requests still get distinct streams
+        self._seed_counter += 1
+        seed = hash((id(self), self._seed_counter)) & 0x7FFFFFFF
+      self.keys[slot] = np.asarray(jax.random.key_data(jax.random.key(seed)))
+      self.token[slot], self.position[slot] = request.prompt[-1], len(request.prompt) - 1
+      self.temperature[slot], self.top_p[slot] = request.temperature, request.top_p
+      self.running[slot] = request
+      request.started.set()
 
   def _finish(self, slot: int, reason: str) -> None:
     request, self.running[slot] = self.running[slot], None
@@ -171,6 +173,7 @@ class Engine:
   def _loop(self) -> None:
     try:
       self._serve()
+      self._release_warm_ups()
     except Exception:  # noqa: BLE001 - no request may wait forever on a dead engine
       logging.exception("the engine stopped")
       with self._lock:
@@ -180,23 +183,51 @@ class Engine:
           self._finish(slot, "error")
       while self.waiting:
         self.waiting.popleft().on_done("error")
+      self._release_warm_ups()
+
+  def _release_warm_ups(self) -> None:
+    with self._lock:
+      warm, self._warm = self._warm, []
+    for _, done in warm:
+      done.set()
+
+  def _run_warm_ups(self, warm) -> None:
+    try:
+      for prompt_lengths, _ in warm:
+        for length in prompt_lengths:
+          self.cache = prefill.warm_up(self.graphdef, self.params, self.cache, length,
+                                       self.cache_length)
+        idle = np.zeros(self.slots, bool)  # every slot idle: the chunk stores nothing
+        self.cache = _decode_jit(self.graphdef, self.params, self.cache, self.token,
+                                 self.position, idle, jax.random.wrap_key_data(self.keys),
+                                 np.zeros(self.slots, np.int32), self.temperature,
+                                 self.top_p)[0]
+    finally:  # an engine that fails here still lets every caller go
+      for _, done in warm:
+        done.set()
 
   def _serve(self) -> None:
     while True:
       with self._lock:
-        while not self._stop and not self.waiting and self.busy_slots() == 0:
+        while (not self._stop and not self.waiting and not self._warm
+               and self.busy_slots() == 0):
           self._lock.wait()
         if self._stop:
           return
+        warm, self._warm = self._warm, []
         admit = []
         for slot in range(self.slots):
           if self.running[slot] is None and self.waiting:
             admit.append((slot, self.waiting.popleft()))
+      self._run_warm_ups(warm)
+      joining = []
       for slot, request in admit:
         if request.cancelled:
           request.on_done("cancelled")
         else:
-          self._admit(slot, request)
+          joining.append((slot, request))
+      if joining:
+        self._admit(joining)
       self._step()
 
   def _step(self) -> None:

@@ -1,0 +1,72 @@
+"""The engine's prefill: every request joining at one chunk boundary shares one batched call.
+
+Sequential batch-1 prefills made a burst of 16 arrivals wait for 16 calls. A batch of any size
+would compile afresh per size (seconds of XLA while serving), so the rows are padded to a power
+of two (at most the slot count) and the prompts to `prompt_bucket`: at most log2(slots) + 1
+shapes per prompt bucket, each compiled once (`warm_up` compiles them before any request).
+Padding rows are all PADDING_POSITION, so they store nothing, and their rows are dropped when
+the prefilled rows are written into their slots of the engine's cache.
+"""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nanogptoss_jax.sampling.decode import PAD_TOKEN, PADDING_POSITION, prompt_bucket
+
+
+def batch_bucket(rows: int, slots: int) -> int:
+  """Padded prefill batch: the next power of two, at most `slots`."""
+  return min(slots, 1 << max(rows - 1, 0).bit_length())
+
+
+def batch_buckets(slots: int) -> list[int]:
+  """Every batch size `batch_bucket` returns for 1..slots rows."""
+  return sorted({batch_bucket(rows, slots) for rows in range(1, slots + 1)})
+
+
+def _prefill_into(graphdef, params, cache, tokens, positions, slot_ids, cache_length):
+  """Prefills rows [R, T] and writes row r into `cache` row slot_ids[r] (out of range: dropped)."""
+  model = nnx.merge(graphdef, params)
+  model.eval()
+  rows = model.forward(tokens, positions, model.init_cache(tokens.shape[0], cache_length)).cache
+  return jax.tree.map(lambda big, new: big.at[slot_ids].set(new, mode="drop"), cache, rows)
+
+
+_prefill_jit = jax.jit(_prefill_into, static_argnums=(0, 6), donate_argnums=2)
+
+
+def prefill(graphdef, params, cache, prompts: list[list[int]], slot_ids: list[int],
+            cache_length: int):
+  """`cache` with each prompt but its last token prefilled into its slot's row.
+
+  The last token is fed by the slot's first decode step, as in sampling/decode.py's generate.
+  """
+  slots = jax.tree.leaves(cache)[0].shape[0]
+  batch = batch_bucket(len(prompts), slots)
+  bucket = prompt_bucket(max(max(len(p) for p in prompts) - 1, 1))
+  tokens = np.full((batch, bucket), PAD_TOKEN, np.int32)  # [R, T]
+  positions = np.full((batch, bucket), PADDING_POSITION, np.int32)  # [R, T]
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt) - 1] = prompt[:-1]
+    positions[row, :len(prompt) - 1] = np.arange(len(prompt) - 1)
+  rows = np.full(batch, slots, np.int32)  # padding rows aim past the last slot
+  rows[:len(slot_ids)] = slot_ids
+  return _prefill_jit(graphdef, params, cache, tokens, positions, rows, cache_length)
+
+
+def warm_up(graphdef, params, cache, prompt_length: int, cache_length: int):
+  """Compiles every batch bucket for `prompt_length`'s prompt bucket; returns `cache` unchanged.
+
+  All rows are padding aimed past the last slot, so nothing is stored or written.
+  """
+  slots = jax.tree.leaves(cache)[0].shape[0]
+  bucket = prompt_bucket(max(prompt_length - 1, 1))
+  # The first call may see a fresh cache whose sharding (single device) differs from the
+  # jitted outputs' (the model's mesh): a key of its own, so batch 1 is compiled again after it.
+  for batch in [1, *batch_buckets(slots)]:
+    tokens = np.full((batch, bucket), PAD_TOKEN, np.int32)
+    positions = np.full((batch, bucket), PADDING_POSITION, np.int32)
+    rows = np.full(batch, slots, np.int32)
+    cache = _prefill_jit(graphdef, params, cache, tokens, positions, rows, cache_length)
+  return cache
