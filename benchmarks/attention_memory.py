@@ -41,8 +41,10 @@ def main():
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--loss-impls", default="auto")
   parser.add_argument("--remat", default="none", help="none, block or matmuls")
+  parser.add_argument("--layers-impl", default="auto", help="auto, loop or scan")
   args = parser.parse_args()
-  base = load_config_file(args.config).model.replace(remat=args.remat)
+  base = load_config_file(args.config).model.replace(remat=args.remat,
+                                                     layers_impl=args.layers_impl)
   if args.layers:
     base = base.replace(num_hidden_layers=args.layers)
   for impl in args.impls.split(","):
@@ -53,7 +55,7 @@ def main():
         cfg = base.replace(attention_impl=impl, loss_impl=loss_impl)
         size = temp_bytes(cfg, args.batch, length)
         growth = f"x{size / previous:.2f}" if previous else ""
-        print(f"remat {args.remat} attention {impl:8s} loss {loss_impl:8s} B={args.batch} T={length:6d} temp "
+        print(f"layers {cfg.layer_layout} remat {args.remat} attention {impl:8s} loss {loss_impl:8s} B={args.batch} T={length:6d} temp "
               f"{size / 2**20:10.1f} MiB {growth:6s} compile {time.perf_counter() - start:5.1f} s",
               flush=True)
         previous = size

@@ -38,8 +38,11 @@ def load(name: str):
   return load_config_file(CONFIGS / f"{name}.py")
 
 
-def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None) -> dict:
+def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
+          layers_impl: str | None = None) -> dict:
   cfg = load(name)
+  if layers_impl:
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(layers_impl=layers_impl))
   overrides = {"batch_size": batch_size, "grad_accum": grad_accum}
   overrides = {key: value for key, value in overrides.items() if value}
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
@@ -77,13 +80,14 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
   parser.add_argument("--grad-accum", type=int, default=None, help="override train.grad_accum")
+  parser.add_argument("--layers-impl", default=None, help="override model.layers_impl (loop, scan)")
   args = parser.parse_args()
   # The peak is measured before and after every config and the highest kept: one measurement
   # taken in a slow minute of a shared machine would understate it and flatter the MFU.
   peaks = [measure_matmul_peak()]
   rows = []
   for name in args.configs.split(","):
-    rows.append(bench(name, args.steps, args.batch_size, args.grad_accum))
+    rows.append(bench(name, args.steps, args.batch_size, args.grad_accum, args.layers_impl))
     peaks.append(measure_matmul_peak())
   peak = max(peaks)
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); f32 matmul peak "

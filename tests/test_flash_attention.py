@@ -94,13 +94,20 @@ def test_flash_in_bfloat16_is_no_further_from_float32_than_plain():
     assert ours_err <= 1.25 * plain_err + 1e-3, f"{name}: {ours_err:.2e} vs plain {plain_err:.2e}"
 
 
-def test_flash_over_a_cache_with_unknown_positions():
-  """Decode-like: one query per row at its own position over keys with gaps (-1)."""
+def decode_case():
+  """(q, k, v, q_pos, k_pos, sinks) of a decode step: one query per row at its own position
+  over cached keys with gaps (-1)."""
   q = _normal((2, 1, 1, 4, 8), 0)
   k, v = _normal((2, 2, 1, 40, 8), 1)
   k_pos = jnp.where(jnp.arange(40) < 30, jnp.arange(40), -1)[None].repeat(2, 0)
   q_pos = jnp.asarray([[29], [12]])
   sinks = _normal((1, 4), 2)
+  return q, k, v, q_pos, k_pos, sinks
+
+
+def test_flash_over_a_cache_with_unknown_positions():
+  """Decode-like: one query per row at its own position over keys with gaps (-1)."""
+  q, k, v, q_pos, k_pos, sinks = decode_case()
   for window in (None, 5):
     ours = flash_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
                            **BLOCKS)

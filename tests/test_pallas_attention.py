@@ -11,7 +11,7 @@ from nanogptoss_jax.kernels.pallas_attention import pallas_attention
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.attention import attention, visible
 from tests.reference import relative_error
-from tests.test_flash_attention import TOLERANCE, _normal, assert_equals_plain
+from tests.test_flash_attention import TOLERANCE, assert_equals_plain, decode_case
 
 BLOCKS = dict(row_block=16, key_block=16)  # Triton's smallest dot: many blocks at small T
 
@@ -41,11 +41,7 @@ def test_pallas_equals_plain_attention(case):
 
 def test_pallas_over_a_cache_with_unknown_positions():
   """Decode-like: one query per row at its own position over keys with gaps (-1)."""
-  q = _normal((2, 1, 1, 4, 8), 0)
-  k, v = _normal((2, 2, 1, 40, 8), 1)
-  k_pos = jnp.where(jnp.arange(40) < 30, jnp.arange(40), -1)[None].repeat(2, 0)
-  q_pos = jnp.asarray([[29], [12]])
-  sinks = _normal((1, 4), 2)
+  q, k, v, q_pos, k_pos, sinks = decode_case()
   for window in (None, 5):
     ours = jax.jit(lambda q, k, v: pallas_attention(
         q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible, **BLOCKS))(q, k, v)

@@ -139,9 +139,11 @@ def test_each_block_matches_reference(name):
     assert err <= HIDDEN_TOLERANCE, f"{name}: block {i} hidden state rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["gqa2-top2-yarn", "gqa4-topall-yarn-clamp"])
-def test_gradients_match_reference(name):
-  model, reference, tokens = _parity_case(CONFIGS[name], max(LENGTHS))
+# Scanned layers too: three layers are one scanned (sliding, full) pair and a last block.
+@pytest.mark.parametrize("name,layers", [("gqa2-top2-yarn", "loop"), ("gqa2-top2-yarn", "scan"),
+                                         ("gqa4-topall-yarn-clamp", "loop")])
+def test_gradients_match_reference(name, layers):
+  model, reference, tokens = _parity_case(CONFIGS[name].replace(layers_impl=layers), max(LENGTHS))
   loss, grads = _loss_and_grads(model, jnp.asarray(tokens))
   ours = _grads_as_state_dict(model, grads)
   ref_loss, theirs = _reference_loss_and_grads(reference, tokens)

@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 
 from nanogptoss_jax.model.config import GptOssConfig
-from nanogptoss_jax.model.gptoss import GptOss
+from nanogptoss_jax.model import layer_stack
+from nanogptoss_jax.model.gptoss import GptOss, abstract_loop_model, from_loop_flat_state
 from nanogptoss_jax.model.layers import dtype_of
 
 MAX_NAMES_SHOWN = 8  # of the missing, unexpected or misshapen tensors a mismatch error lists
@@ -60,8 +61,7 @@ def _swap(array: np.ndarray, swap: bool) -> np.ndarray:
 
 def from_torch_state_dict(config: GptOssConfig, state_dict) -> GptOss:
   """Builds a GptOss from the reference's state_dict (torch tensors or numpy, any float dtype)."""
-  model = nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
+  state = nnx.state(abstract_loop_model(config))
   table = param_table(config.num_hidden_layers)
   flat = dict(nnx.to_flat_state(state))
   missing = sorted(name for name, _ in table.values() if name not in state_dict)
@@ -88,14 +88,15 @@ def from_torch_state_dict(config: GptOssConfig, state_dict) -> GptOss:
   if wrong:
     raise ValueError(f"{len(wrong)} tensors do not match the config's shapes:\n  "
                      + "\n  ".join(wrong[:MAX_NAMES_SHOWN]))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return from_loop_flat_state(config, flat)
 
 
 def to_torch_state_dict(model: GptOss) -> dict[str, np.ndarray]:
   """The inverse of from_torch_state_dict: reference names and layouts, float32 numpy arrays."""
   table = param_table(model.cfg.num_hidden_layers)
   out = {}
-  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+  params = layer_stack.to_layout(nnx.state(model, nnx.Param), layer_stack.LOOP)
+  for path, variable in nnx.to_flat_state(params):
     name, swap = table[path]
     out[name] = np.ascontiguousarray(_swap(np.asarray(variable[...], dtype=np.float32), swap))
   return out

@@ -13,6 +13,7 @@ from flax import nnx
 from nanogptoss_jax.kernels.attention import MASKED, blocked_attention
 from nanogptoss_jax.kernels.flash_attention import flash_attention
 from nanogptoss_jax.kernels.pallas_attention import pallas_attention
+from nanogptoss_jax.kernels.splash_attention import splash_attention
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, cache_write
@@ -54,17 +55,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 
 
 def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", in_order: bool = False):
-  """`attention`, or the blocked or flash kernel when `impl` (the config's attention_impl) picks
-  it; `auto` chooses by the number of (query, key) pairs (model/choices.py).
+  """`attention`, or a kernel (blocked, flash, pallas, splash) when `impl` (the config's
+  attention_impl) picks it; `auto` chooses by backend and (query, key) pairs (model/choices.py).
 
   `in_order` promises that keys are the queries' own tokens at positions 0..T-1; the kernel then
   skips key blocks that no query of a block can see.
   """
-  impl = choices.attention_impl(impl, q.shape[1], k.shape[2])
+  impl = choices.attention_impl(impl, q.shape[1], k.shape[2], in_order)
   if impl == "plain":
     return attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks)
   if impl == "pallas":
     return pallas_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
+                            in_order=in_order)
+  if impl == "splash":
+    return splash_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
                             in_order=in_order)
   if impl == "flash":
     return flash_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,

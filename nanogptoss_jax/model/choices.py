@@ -10,8 +10,8 @@ from nanogptoss_jax.kernels import moe_dispatch
 from nanogptoss_jax.kernels import mxfp4 as kernel_mxfp4
 from nanogptoss_jax.model import mxfp4 as plain_mxfp4
 
-# kernels.attention, .flash_attention, .pallas_attention
-ATTENTION_IMPLS = ("auto", "plain", "blocked", "flash", "pallas")
+# kernels.attention, .flash_attention, .pallas_attention, .splash_attention
+ATTENTION_IMPLS = ("auto", "plain", "blocked", "flash", "pallas", "splash")
 MATMUL_IMPLS = ("auto", "plain", "transposed_grad")  # transposed_grad: kernels.matmul
 LOSS_IMPLS = ("auto", "plain", "fused", "chunked")  # kernels.cross_entropy, .chunked_*
 MOE_IMPLS = ("auto", "dense", "sorted", "ragged")  # dense is the plain one
@@ -20,6 +20,9 @@ MXFP4_IMPLS = ("auto", "plain", "bits")  # bits: kernels.mxfp4
 # Rematerialisation in training (model/gptoss.py): none; each block recomputed in the backward
 # pass; or each block recomputed except the outputs of its matmuls (model/layers.py names them).
 REMAT_POLICIES = ("none", "block", "matmuls")
+# How the blocks are stored and run (model/layer_stack.py): one Block per layer, or the
+# (sliding, full) pairs stacked and scanned so compile time does not grow with depth.
+LAYERS_IMPLS = ("auto", "loop", "scan")
 MATMUL_OUTPUT = "matmul_output"
 
 # The sorted dispatch moves each block's expert weights about three times (the gather reads and
@@ -36,14 +39,27 @@ FLASH_FROM_PAIRS = 1024 * 1024
 PALLAS_ON_GPU = False
 
 
-def attention_impl(name: str, queries: int = 0, keys: int = 0) -> str:
+def attention_impl(name: str, queries: int = 0, keys: int = 0, in_order: bool = False) -> str:
   if name != "auto":
     return name
+  # On a TPU, JAX's splash kernel serves training (keys = the queries in order); it takes sinks.
+  if jax.default_backend() == "tpu" and in_order and queries == keys:
+    return "splash"
   # The Pallas kernel is proven only in interpret mode so far: `auto` keeps the plain-JAX flash
   # kernel on GPUs until benchmarks/gpu_check.sh has compiled and timed it there.
   if jax.default_backend() == "gpu" and PALLAS_ON_GPU:
     return "pallas"
   return "flash" if queries * keys >= FLASH_FROM_PAIRS else "blocked"
+
+
+# `auto` scans from this depth on: below it the loop compiles quickly anyway.
+SCAN_FROM_LAYERS = 8
+
+
+def layers_impl(name: str, num_layers: int) -> str:
+  if name != "auto":
+    return name
+  return "scan" if num_layers >= SCAN_FROM_LAYERS else "loop"
 
 
 def matmul_impl(name: str) -> str:

@@ -100,6 +100,7 @@ class GptOssConfig:
   matmul_impl: str = "auto"
   loss_impl: str = "auto"
   remat: str = "none"  # choices.REMAT_POLICIES: what the backward pass recomputes
+  layers_impl: str = "auto"  # choices.LAYERS_IMPLS: blocks in a Python loop or scanned
   stop_tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
@@ -137,6 +138,8 @@ class GptOssConfig:
              f"must be one of {choices.MXFP4_IMPLS}", self.mxfp4_impl)
     _require(self.remat in choices.REMAT_POLICIES, "remat",
              f"must be one of {choices.REMAT_POLICIES}", self.remat)
+    _require(self.layers_impl in choices.LAYERS_IMPLS, "layers_impl",
+             f"must be one of {choices.LAYERS_IMPLS}", self.layers_impl)
     if self.expert_format == "mxfp4":  # one scale per 32 input values
       _require(self.hidden_size % 32 == 0 and self.intermediate_size % 32 == 0,
                "hidden_size/intermediate_size", "must be multiples of 32 for MXFP4 experts",
@@ -146,6 +149,11 @@ class GptOssConfig:
   @property
   def queries_per_kv_head(self) -> int:
     return self.num_attention_heads // self.num_key_value_heads
+
+  @property
+  def layer_layout(self) -> str:
+    """How the blocks are stored and run: "loop" or "scan" (model/layer_stack.py)."""
+    return choices.layers_impl(self.layers_impl, self.num_hidden_layers)
 
   def layer_window(self, layer: int) -> int | None:
     """Keys a query in `layer` may see: `sliding_window` on even layers, all (None) on odd."""

@@ -8,6 +8,7 @@ from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.attention import Attention
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, empty_cache
+from nanogptoss_jax.model.layer_stack import LOOP, SCAN, ScannedBlocks, stack_flat
 from nanogptoss_jax.model.layers import RMSNorm, dtype_of, normal_init
 from nanogptoss_jax.model.moe import MoE
 from nanogptoss_jax.model.output import ModelOutput, default_positions
@@ -42,7 +43,9 @@ class GptOss(nnx.Module):
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     self.embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                param_dtype=param_dtype, embedding_init=normal_init(), rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, layer, rngs=rngs) for layer in range(cfg.num_hidden_layers)])
+    blocks = [Block(cfg, layer, rngs=rngs) for layer in range(cfg.num_hidden_layers)]
+    # Either layout starts from the same numbers: a seed gives one model, scanned or not.
+    self.blocks = ScannedBlocks(blocks) if cfg.layer_layout == SCAN else nnx.List(blocks)
     self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
     self.unembedding = Unembedding(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
                                    param_dtype=cfg.param_dtype, loss_impl=cfg.loss_impl,
@@ -62,11 +65,18 @@ class GptOss(nnx.Module):
             else rope_tables(self.cfg, positions))
     x = self.embedding(tokens)  # [B, T, D]
     new_cache, stats = [], []
-    for layer, block in enumerate(self.blocks):
-      x, layer_cache, layer_stats = self._block(block, in_order)(
-          x, positions, rope, None if cache is None else cache[layer])
-      new_cache.append(layer_cache)
-      stats.append(layer_stats)
+    if cache is None and isinstance(self.blocks, ScannedBlocks):
+      x, stats = self.blocks(x, lambda block, x: self._block(block, in_order)(
+          x, positions, rope, None)[::2])
+    else:
+      # Caches differ in shape between sliding and full layers and callers index them by layer:
+      # a cached forward runs layer by layer in either layout (over scanned stacks each layer is
+      # a slice XLA copies, 1.5x slower to decode, so inference loaders give the loop layout).
+      for layer in range(self.cfg.num_hidden_layers):
+        x, layer_cache, layer_stats = self._block(self.block(layer), in_order)(
+            x, positions, rope, None if cache is None else cache[layer])
+        new_cache.append(layer_cache)
+        stats.append(layer_stats)
     hidden = self.norm(x)
     logits = self.unembedding(hidden) if unembed else None  # [B, T, V] float32
     aux = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
@@ -81,6 +91,12 @@ class GptOss(nnx.Module):
               if self.cfg.remat == "matmuls" else None)
     remat = nnx.remat(lambda block, *args: block(*args, in_order=in_order), policy=policy)
     return lambda *args: remat(block, *args)
+
+  def block(self, layer: int) -> Block:
+    """Block `layer` (in the scan layout a view whose arrays are slices of the stacks)."""
+    if isinstance(self.blocks, ScannedBlocks):
+      return self.blocks.block(layer)
+    return self.blocks[layer]
 
   def init_cache(self, batch: int, max_length: int) -> list[LayerCache]:
     """An empty cache for `max_length` positions; sliding layers keep only a window-sized ring."""
@@ -99,7 +115,20 @@ class GptOss(nnx.Module):
     """
     total = count_params(self)
     # MXFP4 storage counts its stored elements (a byte holds two weights).
-    experts = sum(param_size(getattr(block.mlp, name)) for block in self.blocks
-                  for name in EXPERT_PARAMS if hasattr(block.mlp, name))
+    experts = sum(param_size(variable) for path, variable in nnx.to_flat_state(nnx.state(self))
+                  if "mlp" in path and path[-1] in EXPERT_PARAMS)
     unused = self.cfg.num_experts - self.cfg.experts_per_token
     return {"total": total, "active": total - experts * unused // self.cfg.num_experts}
+
+
+def abstract_loop_model(cfg: GptOssConfig) -> GptOss:
+  """cfg's model with one Block per layer, shapes only: what loaders fill tensor by tensor."""
+  return nnx.eval_shape(lambda: GptOss(cfg.replace(layers_impl=LOOP), rngs=nnx.Rngs(0)))
+
+
+def from_loop_flat_state(cfg: GptOssConfig, flat: dict) -> GptOss:
+  """cfg's model (in its own layer layout) from a filled flat state of `abstract_loop_model`."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0))))
+  if cfg.layer_layout == SCAN:
+    flat = stack_flat(flat, cfg.num_hidden_layers)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))

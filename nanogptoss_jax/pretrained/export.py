@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.model import layer_stack
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.pretrained import config_map, names, safetensors_io
 from nanogptoss_jax.pretrained.layout import HUGGING_FACE, INDEX_FILE
@@ -34,7 +35,8 @@ def hf_tensors(model, dtype: str = "bfloat16") -> dict[str, np.ndarray]:
   """Hugging Face names -> host arrays (expert MXFP4 storage kept as uint8)."""
   cfg, out = model.cfg, {}
   table = names.float_table(HUGGING_FACE, cfg.num_hidden_layers)
-  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+  params = layer_stack.to_layout(nnx.state(model, nnx.Param), layer_stack.LOOP)
+  for path, variable in nnx.to_flat_state(params):
     value = np.asarray(variable[...])
     expert = names.expert_path(path)
     if expert is not None and expert[2] != "weight":

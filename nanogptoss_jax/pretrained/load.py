@@ -16,7 +16,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import mxfp4
-from nanogptoss_jax.model.gptoss import GptOss
+from nanogptoss_jax.model.gptoss import abstract_loop_model, from_loop_flat_state
 from nanogptoss_jax.pretrained import config_map, names
 from nanogptoss_jax.pretrained.layout import ORIGINAL, Checkpoint, open_checkpoint
 from nanogptoss_jax.pretrained.safetensors_io import CheckpointError
@@ -103,12 +103,15 @@ def read_config(ckpt: Checkpoint) -> dict:
   return config_map.from_hugging_face(ckpt.config)
 
 
-def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep", mesh=None):
+def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep", mesh=None,
+                    layers_impl: str = "loop"):
   """(GptOss, tokenizer) from a directory in OpenAI's original or Hugging Face's layout.
 
   mxfp4="keep": MXFP4 expert weights stay 4-bit in memory, decoded in the MoE per selected
   expert; "dequantize": float weights in `dtype` (trainable). dtype None: float32 on the CPU,
-  bfloat16 elsewhere. mesh None: every local device on an `fsdp` axis.
+  bfloat16 elsewhere. mesh None: every local device on an `fsdp` axis. layers_impl: "loop" for
+  sampling (a cached decode step over scanned stacks measured 1.5x slower), "scan" or "auto" to
+  fine-tune a deep model (compile time flat in depth; model/layer_stack.py).
   """
   if mxfp4 not in MXFP4_MODES:
     raise UserError(f"mxfp4={mxfp4!r} must be one of {MXFP4_MODES}")
@@ -126,13 +129,12 @@ def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep",
     cfg = config_map.to_config(
         fields, dtype=dtype, param_dtype=dtype,
         stop_tokens=tuple(t for t in tokenizer.stop_ids if t < vocab),
-        expert_format="mxfp4" if quantized and mxfp4 == "keep" else "float")
+        expert_format="mxfp4" if quantized and mxfp4 == "keep" else "float",
+        layers_impl=layers_impl)
   except UserError as e:
     raise CheckpointError(f"{path}/config.json: {e}") from None
   mesh = default_mesh() if mesh is None else mesh
-  model = nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  flat = dict(nnx.to_flat_state(state))
+  flat = dict(nnx.to_flat_state(nnx.state(abstract_loop_model(cfg))))
   table = names.float_table(ckpt.layout, cfg.num_hidden_layers)
   used, nbytes = set(), 0
   progress = _Progress(len(flat), sum(int(np.prod(v.shape)) * jnp.dtype(
@@ -162,7 +164,7 @@ def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep",
   seconds = time.perf_counter() - start
   print(f"loaded {len(flat)} tensors, {nbytes / GB:.2f} GB ({ckpt.layout}, mxfp4={mxfp4}) in "
         f"{seconds:.1f} s, {nbytes / GB / max(seconds, 1e-9):.2f} GB/s", file=sys.stderr)
-  return nnx.merge(graphdef, nnx.from_flat_state(flat)), tokenizer
+  return from_loop_flat_state(cfg, flat), tokenizer
 
 
 def model_bytes(model) -> int:

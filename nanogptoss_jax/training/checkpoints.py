@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from nanogptoss_jax.data.bpe import BPE_FILE_NAME, use_bpe_file, write_bpe_file
 from nanogptoss_jax.data.tokenizer import Tokenizer
 from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.model import layer_stack
 from nanogptoss_jax.training.checksums import seal, verify
 from nanogptoss_jax.training.config_io import config_from_dict, config_to_dict
 from nanogptoss_jax.training.run_config import RunConfig
@@ -29,6 +30,7 @@ ITEMS = ("state", "data", "meta")
 PERIODIC_DIR, BEST_DIR = "checkpoints", "best"
 UNREADABLE_DIR = "unreadable"  # where a resume moves the periodic steps it could not read
 TOKENIZER_DIR = "tokenizer"  # the run's copy of the BPE file
+LAYER_LAYOUT_KEY = "layer_layout"  # how the saved state stores its blocks (model/layer_stack.py)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -181,17 +183,23 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, *,
   """(state, data_state, meta) of one step (state and data None with meta_only); raises if
   any file of it is unreadable or differs from its checksum."""
   verify(pathlib.Path(manager.directory) / str(step))
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   if meta_only:
-    items = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return None, None, items["meta"]
+    return None, None, meta
+  # A step saved in the other layer layout (steps from before scanned layers name none: loop)
+  # is read in its own and converted, optimiser state too.
+  wanted, saved = layer_stack.tree_layout(abstract_state), meta.get(LAYER_LAYOUT_KEY, "loop")
+  target = layer_stack.to_layout(abstract_state, saved)  # the same tree when in that layout
   # A leaf without a target sharding gets the saved one, which names the devices of the run
   # that wrote it (another mesh, other processes) and cannot be rebuilt on a different
   # topology; such leaves land on this process's first device instead.
   items = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state),
+      state=ocp.args.StandardRestore(_abstract_keys_to_data(target),
                                      fallback_sharding=_first_local_device()),
-      data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-  return _data_to_keys(items["state"], abstract_state), items["data"], items["meta"]
+      data=ocp.args.JsonRestore()))
+  state = _data_to_keys(items["state"], target)
+  state = layer_stack.to_layout(state, wanted) if wanted else state
+  return state, items["data"], meta
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool = False):
@@ -216,7 +224,8 @@ def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool =
 
 def make_meta(cfg: RunConfig, tokenizer: Tokenizer, step: int, metrics: dict[str, Any]) -> dict:
   return {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_dict(), "step": step,
-          "metrics": metrics}
+          "metrics": metrics,
+          LAYER_LAYOUT_KEY: getattr(cfg.model, "layer_layout", layer_stack.LOOP)}
 
 
 def read_meta(meta: dict) -> tuple[RunConfig, Tokenizer]:
@@ -245,7 +254,12 @@ def _load_step(manager: ocp.CheckpointManager, step: int):
   cfg, tokenizer = read_meta(meta)
   # generate()'s default stop ids come from the tokenizer: a compact vocabulary numbers
   # <|endoftext|> differently.
-  cfg = dataclasses.replace(cfg, model=cfg.model.replace(stop_tokens=tuple(tokenizer.stop_ids)))
+  # The loop layout, whatever the run trained with: a cached decode step that slices layers
+  # out of scanned stacks measured 1.5x slower (docs/benchmarks.md).
+  model_cfg = cfg.model.replace(stop_tokens=tuple(tokenizer.stop_ids))
+  if hasattr(model_cfg, "layers_impl"):
+    model_cfg = model_cfg.replace(layers_impl=layer_stack.LOOP)
+  cfg = dataclasses.replace(cfg, model=model_cfg)
   graphdef, abstract_state, _ = abstract_train_state(cfg)
   state, _, _ = restore_step(manager, step, abstract_state)
   return nnx.merge(graphdef, state.params, state.rest), tokenizer

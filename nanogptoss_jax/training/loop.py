@@ -104,7 +104,8 @@ class Trainer:
     if resume:
       step, state, data_state, meta = ckpt.restore(
           self.checkpoints.periodic, self._with_shardings(abstract_state))
-      self.state = state
+      # A step converted from the other layer layout comes back on one device: spread it.
+      self.state = jax.device_put(state, self.state_shardings)
       self.data_iter.set_state(data_state)
       self.checkpoints.set_aside_newer_than(step)
       # After falling back past an unreadable step, the best checkpoint may be newer (and

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from nanogptoss_jax.model import layer_stack
+
 BATCH_AXES = ("data", "fsdp")
 # Environment variables that describe a multi-process cluster to `jax.distributed.initialize`
 # (which also auto-detects SLURM, Open MPI and TPU pods on its own).
@@ -44,11 +46,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-  """Shards the largest axis that fsdp divides (ZeRO-3 style); replicates small leaves."""
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, *, stacked: bool = False) -> P:
+  """Shards the largest axis that fsdp divides (ZeRO-3 style); replicates small leaves.
+
+  `stacked`: axis 0 counts layers that a scan visits one at a time, so it is never split."""
   if fsdp == 1 or not shape:
     return P()
-  candidates = [axis for axis in np.argsort(shape)[::-1] if shape[axis] % fsdp == 0]
+  candidates = [axis for axis in np.argsort(shape)[::-1]
+                if shape[axis] % fsdp == 0 and not (stacked and axis == 0)]
   if not candidates:
     return P()
   spec = [None] * len(shape)
@@ -59,8 +64,12 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
 def state_shardings(mesh: Mesh, abstract_state):
   """A NamedSharding for every array leaf of an (abstract) state pytree."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp)),
-                      abstract_state)
+
+  def sharding(path, leaf):
+    stacked = any(getattr(key, "key", None) == layer_stack.PAIRS for key in path)
+    return NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp, stacked=stacked))
+
+  return jax.tree_util.tree_map_with_path(sharding, abstract_state)
 
 
 def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -16,6 +16,10 @@ from nanogptoss_jax.training.run_config import RunConfig
 RESUME_TRAIN_KEYS = ("seed", "batch_size", "context_len")
 
 
+# Model fields that say how the blocks are stored, not what is computed: a resume converts.
+MODEL_LAYOUT_KEYS = ("layers_impl",)
+
+
 # Data fields that say where things are, not what the data is: a resume may change them.
 DATA_LOCATION_KEYS = ("cache_dir", "tokenizer_path")
 
@@ -30,7 +34,10 @@ def _data_identity(data: dict) -> dict:
 
 def check_resumable(cfg: RunConfig, saved: dict, run_dir: pathlib.Path) -> None:
   current = json.loads(json.dumps(config_to_dict(cfg)))  # as saved: tuples become lists
-  pairs = [("model", saved["model"], current["model"]),
+  def model_identity(model: dict) -> dict:
+    return {key: value for key, value in model.items() if key not in MODEL_LAYOUT_KEYS}
+
+  pairs = [("model", model_identity(saved["model"]), model_identity(current["model"])),
            ("data", _data_identity(saved["data"]), _data_identity(current["data"]))]
   pairs.append(("train", {key: saved["train"][key] for key in RESUME_TRAIN_KEYS},
                 {key: current["train"][key] for key in RESUME_TRAIN_KEYS}))

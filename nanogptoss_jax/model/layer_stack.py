@@ -1,0 +1,175 @@
+"""Layers scanned: one traced body for a (sliding, full) pair of blocks, whatever the depth.
+
+The loop layout keeps one Block per layer (`blocks.{i}.…`): XLA then compiles every layer anew,
+and the compile time of a train step grows with depth. The scan layout stacks the parameters of
+the even (sliding) layers and of the odd (full) layers along a leading [L/2] axis
+(`blocks.pairs.sliding.…`, `blocks.pairs.full.…`), and runs one `lax.scan` over the pairs: the
+two kinds of layer differ in their window, which is static, so a pair is the unit that repeats.
+An odd last layer (sliding) stays apart (`blocks.last.…`).
+
+Both layouts hold the same numbers, so any state tree converts between them (`to_layout`): parameters, optimiser moments, abstract shapes for restoring checkpoints.
+"""
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOOP, SCAN = "loop", "scan"
+LAYOUTS = (LOOP, SCAN)
+BLOCKS, PAIRS, LAST, SLIDING, FULL = "blocks", "pairs", "last", "sliding", "full"
+
+
+class BlockPair(nnx.Module):
+  """A sliding layer and the full layer after it."""
+
+  def __init__(self, sliding: nnx.Module, full: nnx.Module):
+    self.sliding, self.full = sliding, full
+
+
+class ScannedBlocks(nnx.Module):
+  """Blocks [L] as pairs stacked along [L/2] (+ the odd last block), applied with `lax.scan`."""
+
+  def __init__(self, blocks: list[nnx.Module]):
+    self.num_layers = len(blocks)
+    pairs = [BlockPair(blocks[i], blocks[i + 1]) for i in range(0, len(blocks) - 1, 2)]
+    stacked = (nnx.merge(nnx.graphdef(pairs[0]), _stack([nnx.state(pair) for pair in pairs]))
+               if pairs else None)
+    self.pairs = stacked
+    self.last = blocks[-1] if len(blocks) % 2 else None
+
+  def __len__(self) -> int:
+    return self.num_layers
+
+  def __call__(self, x: jax.Array, run: Callable) -> tuple[jax.Array, list]:
+    """x through every layer in order, `run(block, x) -> (x, stats)` applying one; returns x
+    and each layer's stats."""
+    stats = []
+    if self.pairs is not None:
+      graphdef, state = nnx.split(self.pairs)
+
+      def body(x, pair_state):
+        pair = nnx.merge(graphdef, pair_state)
+        x, sliding_stats = run(pair.sliding, x)
+        x, full_stats = run(pair.full, x)
+        return x, (sliding_stats, full_stats)
+
+      x, (sliding_stats, full_stats) = jax.lax.scan(body, x, state)
+      for p in range(self.num_layers // 2):
+        stats += [jax.tree.map(lambda s: s[p], sliding_stats),
+                  jax.tree.map(lambda s: s[p], full_stats)]
+    if self.last is not None:
+      x, last_stats = run(self.last, x)
+      stats.append(last_stats)
+    return x, stats
+
+  def block(self, layer: int) -> nnx.Module:
+    """Layer `layer` as a Block of its own (a view: its arrays are slices of the stacks)."""
+    if layer == self.num_layers - 1 and self.last is not None:
+      return self.last
+    graphdef, state = nnx.split(self.pairs)
+    pair = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer // 2], state))
+    return pair.full if layer % 2 else pair.sliding
+
+
+def _stack(trees: list):
+  """Leaves stacked along a new leading axis; works on abstract leaves (ShapeDtypeStruct)."""
+  def stack(*leaves):
+    if isinstance(leaves[0], jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype)
+    return jnp.stack(leaves)
+  return jax.tree.map(stack, *trees)
+
+
+def _unstack(tree, count: int) -> list:
+  def take(leaf, i):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[i]
+  return [jax.tree.map(lambda leaf: take(leaf, i), tree) for i in range(count)]
+
+
+def stack_flat(flat: dict, num_layers: int) -> dict:
+  """A flat loop-layout state {path: Variable} in the scan layout. Each stack is built as its
+  layers leave `flat`, so loading holds one stack beyond the model, not a second model."""
+  out, groups = {}, {}
+  for path in list(flat):
+    if len(path) > 1 and path[0] == BLOCKS and isinstance(path[1], int):
+      layer, rest = path[1], path[2:]
+      if num_layers % 2 and layer == num_layers - 1:
+        out[(BLOCKS, LAST, *rest)] = flat.pop(path)
+      else:
+        groups.setdefault((BLOCKS, PAIRS, FULL if layer % 2 else SLIDING, *rest), []).append(path)
+    else:
+      out[path] = flat.pop(path)
+  for target, paths in groups.items():
+    out[target] = _stack([flat.pop(path) for path in sorted(paths, key=lambda p: p[1])])
+  return out
+
+
+def layout_of(blocks: Mapping) -> str:
+  """The layout of a `blocks` state node: layer numbers (loop) or pairs/last (scan)."""
+  return SCAN if set(blocks) & {PAIRS, LAST} else LOOP
+
+
+def _raw(node: Mapping) -> Mapping:
+  # An nnx.State keeps its children as plain dicts and wraps them only when indexed.
+  return node.raw_mapping if isinstance(node, nnx.State) else node
+
+
+def _blocks_to_scan(blocks: Mapping) -> dict:
+  num_layers = len(blocks)
+  layers = [blocks[i] for i in range(num_layers)]
+  node = {}
+  if num_layers >= 2:
+    pairs = num_layers // 2 * 2
+    node[PAIRS] = {SLIDING: _stack(layers[0:pairs:2]), FULL: _stack(layers[1:pairs:2])}
+  if num_layers % 2:
+    node[LAST] = layers[-1]
+  return node
+
+
+def _blocks_to_loop(blocks: Mapping) -> dict:
+  layers = []
+  if PAIRS in blocks:
+    count = jax.tree.leaves(blocks[PAIRS][SLIDING])[0].shape[0]
+    for sliding, full in zip(_unstack(blocks[PAIRS][SLIDING], count),
+                             _unstack(blocks[PAIRS][FULL], count)):
+      layers += [sliding, full]
+  if LAST in blocks:
+    layers.append(blocks[LAST])
+  return dict(enumerate(layers))
+
+
+def _convert(tree, target: str):
+  """Every `blocks` node of `tree` (a model state, optimiser state, abstract or not) in the
+  `target` layout; nodes already in it are left as they are."""
+  def has_blocks(node) -> bool:
+    return isinstance(node, Mapping) and isinstance(node.get(BLOCKS), Mapping)
+
+  def convert(node):
+    if not has_blocks(node) or layout_of(node[BLOCKS]) == target:
+      return node
+    blocks = (_blocks_to_scan if target == SCAN else _blocks_to_loop)(_raw(node)[BLOCKS])
+    return type(node)({**_raw(node), BLOCKS: blocks})
+
+  return jax.tree.map(convert, tree, is_leaf=has_blocks)
+
+
+def to_layout(tree, target: str):
+  """`tree` with its layers in the `target` layout (LOOP or SCAN)."""
+  return _convert(tree, target)
+
+
+def tree_layout(tree) -> str | None:
+  """The layout of the first `blocks` node in `tree`, None if it has none."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, Mapping) and isinstance(node.get(BLOCKS), Mapping):
+      found.append(layout_of(node[BLOCKS]))
+    return node
+
+  jax.tree.map(visit, tree, is_leaf=lambda n: isinstance(n, Mapping) and BLOCKS in n)
+  return found[0] if found else None
