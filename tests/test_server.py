@@ -206,3 +206,26 @@ def test_plain_text_mode_for_a_compact_vocabulary():
     ids = generate(model, [tokenizer.encode("Hello there")], 10, temperature=0,
                    stop_tokens=list(tokenizer.stop_ids))[0]
     assert reply.choices[0].message.content == tokenizer.decode(ids).rstrip("\ufffd")
+
+
+def test_a_stop_string_split_over_chunks_never_streams_its_start():
+  """OpenAI's `stop` is left out of the text; streamed in pieces, none of it may go out."""
+  import types
+
+  from nanogptoss_jax.serving.app import TextStream
+  letters = types.SimpleNamespace(decode=lambda ids: "".join(map(chr, ids)))
+  service = types.SimpleNamespace(plain_text=True, tokenizer=letters)
+
+  def feed(stream, text):
+    return stream.feed([ord(c) for c in text])[1:]
+
+  stream = TextStream(service, chat=False, stop=["The end"])
+  assert feed(stream, "Once. Th") == ("Once. ", False)  # "Th" may begin the stop string
+  assert feed(stream, "e e") == ("", False)
+  assert feed(stream, "nd. More") == ("", True)
+  assert stream.content == "Once. "
+  stream = TextStream(service, chat=False, stop=["The end"])
+  assert feed(stream, "Once. Th") == ("Once. ", False)
+  assert feed(stream, "ere") == ("There", False)  # not the stop string after all
+  assert feed(stream, " T") == (" ", False)
+  assert stream.finish() == "T" and stream.content == "Once. There T"

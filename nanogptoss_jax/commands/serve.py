@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
   parse.add_argument("--max-queue", type=_number(int, 1), default=64,
                      help="waiting requests beyond this get 429")
   parse.add_argument("--context", type=_number(int, 2), default=None,
-                     help="cache length per slot (default: the model's max_positions)")
+                     help="cache length per slot (default: 8192, at most the model's max_positions)")
   parse.add_argument("--warm-up", default="128", metavar="LENGTHS",
                      help="comma-separated prompt lengths whose prefill (every batch size) "
                           "compiles before serving, so a burst of requests waits for no "

@@ -108,7 +108,7 @@ class TextStream:
     self.tokenizer = service.tokenizer
     self.parser = harmony.StreamParser(self.tokenizer) if self.harmony else None
     self.ids, self.sent, self.stop = [], "", stop
-    self.content, self.reasoning = "", ""
+    self.content, self.reasoning, self.pending = "", "", ""
 
   def feed(self, tokens) -> tuple[str, str, bool]:
     """(new reasoning, new content, hit a stop string)."""
@@ -124,10 +124,19 @@ class TextStream:
       self.ids += tokens
       text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
       content, self.sent = text[len(self.sent):], text
-    whole = self.content + content
+    # Text that may begin a stop string is held back until it is known not to: a stop string
+    # split over two chunks must not stream its first half.
+    whole = self.content + self.pending + content
     cut = min((whole.find(s) for s in self.stop if s and s in whole), default=-1)
-    if cut >= 0:
-      content = whole[len(self.content):cut] if cut >= len(self.content) else ""
+    end = cut if cut >= 0 else len(whole) - max(
+        (k for s in self.stop for k in range(1, len(s)) if whole.endswith(s[:k])), default=0)
+    content, self.pending = whole[len(self.content):end], "" if cut >= 0 else whole[end:]
     self.content += content
     self.reasoning += reasoning
     return reasoning, content, cut >= 0
+
+  def finish(self) -> str:
+    """The held-back text once the choice ended without a stop string."""
+    rest, self.pending = self.pending, ""
+    self.content += rest
+    return rest

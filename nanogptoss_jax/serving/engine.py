@@ -24,6 +24,10 @@ from nanogptoss_jax.sampling.decode import PADDING_POSITION
 from nanogptoss_jax.sampling.filters import SamplerSettings, sample_tokens
 from nanogptoss_jax.serving import prefill
 
+# Cache positions per slot unless asked (--context): a decode step attends over every slot of a
+# full layer's row, so gpt-oss's 131,072 would cost each token ~16x what 8,192 does (and 3 GB
+# of bf16 cache per slot for gpt-oss-20b).
+DEFAULT_CONTEXT = 8192
 CHUNK_TOKENS = 4  # decode steps per jitted call: new requests wait at most this many steps
 _SAMPLER = SamplerSettings(greedy=False, top_k=None, use_top_p=True)
 
@@ -88,7 +92,7 @@ class Engine:
     self.graphdef, self.params = nnx.split(model)
     self.cfg = model.cfg
     self.slots = slots
-    self.cache_length = min(cache_length or self.cfg.max_positions, self.cfg.max_positions)
+    self.cache_length = min(cache_length or DEFAULT_CONTEXT, self.cfg.max_positions)
     self.max_queue = max_queue
     self.cache = model.init_cache(slots, self.cache_length)
     self.token = np.zeros(slots, np.int32)
@@ -112,7 +116,8 @@ class Engine:
       raise UserError("the prompt is empty")
     if prompt_length + max_tokens > self.cache_length:
       raise UserError(f"prompt ({prompt_length} tokens) + max_tokens ({max_tokens}) exceeds "
-                      f"the context of {self.cache_length} tokens")
+                      f"the context of {self.cache_length} tokens (serve.py --context, at most "
+                      f"the model's {self.cfg.max_positions})")
 
   def submit(self, request: Request) -> None:
     self.check(len(request.prompt), request.max_tokens)

@@ -110,7 +110,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
           continue
         if what == "done":
           reasons[index] = "length" if value == "length" else "stop"
-          yield index, "", "", reasons[index]
+          yield index, "", streams[index].finish(), reasons[index]
           continue
         counts[index] += len(value)
         reasoning, content, stopped = streams[index].feed(value)
