@@ -36,8 +36,8 @@ def main():
     for impl in args.impls.split(","):  # alternating, so load on the machine hits both alike
       cfg = base.replace(num_hidden_layers=layers, layers_impl=impl)
       seconds, temp = compile_seconds(cfg, args.batch, args.length)
-      print(f"remat {args.remat:7s} layers {layers:3d} {impl:5s} compile {seconds:6.1f} s  temp {temp / 2**20:8.1f} MiB",
-            flush=True)
+      print(f"remat {args.remat:7s} layers {layers:3d} {impl:5s} compile {seconds:6.1f} s  "
+            f"temp {temp / 2**20:8.1f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ the even (sliding) layers and of the odd (full) layers along a leading [L/2] axi
 two kinds of layer differ in their window, which is static, so a pair is the unit that repeats.
 An odd last layer (sliding) stays apart (`blocks.last.…`).
 
-Both layouts hold the same numbers, so any state tree converts between them (`to_layout`): parameters, optimiser moments, abstract shapes for restoring checkpoints.
+Both layouts hold the same numbers, so any state tree converts between them (`to_layout`):
+parameters, optimiser moments, abstract shapes for restoring checkpoints.
 """
 
 from collections.abc import Callable, Mapping
@@ -17,7 +18,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 LOOP, SCAN = "loop", "scan"
-LAYOUTS = (LOOP, SCAN)
 BLOCKS, PAIRS, LAST, SLIDING, FULL = "blocks", "pairs", "last", "sliding", "full"
 
 
@@ -34,9 +34,8 @@ class ScannedBlocks(nnx.Module):
   def __init__(self, blocks: list[nnx.Module]):
     self.num_layers = len(blocks)
     pairs = [BlockPair(blocks[i], blocks[i + 1]) for i in range(0, len(blocks) - 1, 2)]
-    stacked = (nnx.merge(nnx.graphdef(pairs[0]), _stack([nnx.state(pair) for pair in pairs]))
-               if pairs else None)
-    self.pairs = stacked
+    self.pairs = (nnx.merge(nnx.graphdef(pairs[0]), _stack([nnx.state(pair) for pair in pairs]))
+                  if pairs else None)
     self.last = blocks[-1] if len(blocks) % 2 else None
 
   def __len__(self) -> int:
@@ -142,9 +141,9 @@ def _blocks_to_loop(blocks: Mapping) -> dict:
   return dict(enumerate(layers))
 
 
-def _convert(tree, target: str):
-  """Every `blocks` node of `tree` (a model state, optimiser state, abstract or not) in the
-  `target` layout; nodes already in it are left as they are."""
+def to_layout(tree, target: str):
+  """`tree` with every `blocks` node (of a model state, optimiser state, abstract or not) in
+  the `target` layout, LOOP or SCAN; nodes already in it are left as they are."""
   def has_blocks(node) -> bool:
     return isinstance(node, Mapping) and isinstance(node.get(BLOCKS), Mapping)
 
@@ -155,11 +154,6 @@ def _convert(tree, target: str):
     return type(node)({**_raw(node), BLOCKS: blocks})
 
   return jax.tree.map(convert, tree, is_leaf=has_blocks)
-
-
-def to_layout(tree, target: str):
-  """`tree` with its layers in the `target` layout (LOOP or SCAN)."""
-  return _convert(tree, target)
 
 
 def tree_layout(tree) -> str | None:
