@@ -18,13 +18,19 @@ there) checks the compiled kernel: `python -m pytest tests/test_splash_attention
 """
 
 import functools
+import importlib
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from nanogptoss_jax.kernels.flash_attention import flash_attention
+
+
+def _splash():
+  # Imported on first use: the model imports this module on every backend, and a JAX build
+  # (another version, another platform) whose TPU kernels fail to import must still run.
+  return importlib.import_module("jax.experimental.pallas.ops.tpu.splash_attention")
 
 # Splash wants key blocks in multiples of the TPU's 128 lanes; T is padded to a multiple of
 # this and the largest of BLOCKS that divides it is used (bigger blocks run faster on a TPU).
@@ -72,8 +78,10 @@ def padded_length(length: int, block: int | None = None) -> tuple[int, int]:
   return -(-length // block) * block, block
 
 
-def window_mask(length: int, window: int | None) -> splash.Mask:
-  """One head's [T, T] mask: causal, and `window` keys back with the query itself included."""
+def window_mask(length: int, window: int | None):
+  """One head's [T, T] splash mask: causal, and `window` keys back with the query itself
+  included."""
+  splash = _splash()
   if window is None:
     return splash.CausalMask((length, length))
   return splash.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
@@ -84,6 +92,7 @@ def splash_kernel(length: int, heads: int, window: int | None, block: int, inter
   """The splash kernel for [heads, length, H] queries; built once per shape (its mask
   bookkeeping is numpy work at trace time) and kept out of any trace, so nothing cached leaks
   a tracer."""
+  splash = _splash()
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
