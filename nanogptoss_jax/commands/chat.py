@@ -15,7 +15,7 @@ import queue
 import sys
 
 from nanogptoss_jax import cli
-from nanogptoss_jax.commands.generate import _number, _Parser
+from nanogptoss_jax.commands.generate import RUN_OR_PRETRAINED, _number, checkpoint_parser
 from nanogptoss_jax.errors import UserError
 
 DIM, UNDIM = "\x1b[2m", "\x1b[0m"
@@ -24,10 +24,7 @@ PROMPT = "> "
 
 
 def parser() -> argparse.ArgumentParser:
-  parse = _Parser(prog="nanogptoss-chat", description=__doc__,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
-  parse.add_argument("--checkpoint", required=True,
-                     help="a run directory written by train.py, or a pretrained gpt-oss directory")
+  parse = checkpoint_parser("nanogptoss-chat", __doc__, RUN_OR_PRETRAINED)
   parse.add_argument("--system", default=None, help="instructions (harmony's developer message)")
   parse.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
   parse.add_argument("--temperature", type=_number(float, 0, 2), default=0.8,
@@ -41,7 +38,6 @@ def parser() -> argparse.ArgumentParser:
   parse.add_argument("--context", type=_number(int, 2), default=4096,
                      help="tokens the conversation may hold (capped by the model's)")
   parse.add_argument("--chat-format", choices=("auto", "harmony", "plain"), default="auto")
-  parse.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
   return parse
 
 

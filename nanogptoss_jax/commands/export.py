@@ -8,17 +8,13 @@ import logging
 import os
 
 from nanogptoss_jax import cli
-from nanogptoss_jax.commands.generate import _Parser
+from nanogptoss_jax.commands.generate import RUN_OR_PRETRAINED, checkpoint_parser
 
 
 def parser() -> argparse.ArgumentParser:
-  parse = _Parser(prog="nanogptoss-export", description=__doc__,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
-  parse.add_argument("--checkpoint", required=True,
-                     help="a run directory written by train.py, or a gpt-oss checkpoint directory")
+  parse = checkpoint_parser("nanogptoss-export", __doc__, RUN_OR_PRETRAINED)
   parse.add_argument("--out", required=True, help="directory to write (created if missing)")
   parse.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-  parse.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
   return parse
 
 

@@ -32,10 +32,19 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+RUN_OR_PRETRAINED = "a run directory written by train.py, or a pretrained gpt-oss directory"
+
+
+def checkpoint_parser(prog: str, doc: str, checkpoint_help: str) -> _Parser:
+  """What every command over a checkpoint starts from: its --help text, --checkpoint, --debug."""
+  parse = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parse.add_argument("--checkpoint", required=True, help=checkpoint_help)
+  parse.add_argument(cli.DEBUG_FLAG, action="store_true", help="tracebacks for user errors too")
+  return parse
+
+
 def parser() -> argparse.ArgumentParser:
-  parse = _Parser(prog="nanogptoss-generate", description=__doc__,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
-  parse.add_argument("--checkpoint", required=True, help="a run directory written by train.py")
+  parse = checkpoint_parser("nanogptoss-generate", __doc__, "a run directory written by train.py")
   parse.add_argument("--prompt", default="Once upon a time")
   parse.add_argument("--max-new-tokens", type=_number(int, 1), default=200)
   parse.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 means greedy")
@@ -44,7 +53,6 @@ def parser() -> argparse.ArgumentParser:
   parse.add_argument("--seed", type=int, default=0)
   parse.add_argument("--num-samples", type=_number(int, 1), default=1,
                      help="samples drawn one after another")
-  parse.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
   return parse
 
 

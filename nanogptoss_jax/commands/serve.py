@@ -9,14 +9,11 @@ import time
 
 from nanogptoss_jax import cli
 from nanogptoss_jax.errors import UserError
-from nanogptoss_jax.commands.generate import _number, _Parser
+from nanogptoss_jax.commands.generate import RUN_OR_PRETRAINED, _number, checkpoint_parser
 
 
 def parser() -> argparse.ArgumentParser:
-  parse = _Parser(prog="nanogptoss-serve", description=__doc__,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
-  parse.add_argument("--checkpoint", required=True,
-                     help="a run directory written by train.py, or a pretrained gpt-oss directory")
+  parse = checkpoint_parser("nanogptoss-serve", __doc__, RUN_OR_PRETRAINED)
   parse.add_argument("--host", default="127.0.0.1")
   parse.add_argument("--port", type=_number(int, 0, 65535), default=8000)
   parse.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
@@ -25,14 +22,14 @@ def parser() -> argparse.ArgumentParser:
   parse.add_argument("--max-queue", type=_number(int, 1), default=64,
                      help="waiting requests beyond this get 429")
   parse.add_argument("--context", type=_number(int, 2), default=None,
-                     help="cache length per slot (default: 8192, at most the model's max_positions)")
+                     help="cache length per slot (default: 8192, at most the model's "
+                          "max_positions)")
   parse.add_argument("--warm-up", default="128", metavar="LENGTHS",
                      help="comma-separated prompt lengths whose prefill (every batch size) "
                           "compiles before serving, so a burst of requests waits for no "
                           "compile; '' for none (default: 128)")
   parse.add_argument("--chat-format", choices=("auto", "harmony", "plain"), default="auto")
   parse.add_argument("--model-name", default=None, help="the id in /v1/models")
-  parse.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
   return parse
 
 
