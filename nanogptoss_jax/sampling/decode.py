@@ -100,6 +100,17 @@ def prompt_bucket(length: int) -> int:
   return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
 
 
+def prefill_rows(prompts: list[list[int]], batch: int, bucket: int):
+  """(tokens, positions) [B, T] of `batch` rows of `bucket` tokens: each prompt but its last
+  token at positions 0.., then padding (PAD_TOKEN at PADDING_POSITION, never stored)."""
+  tokens = np.full((batch, bucket), PAD_TOKEN, np.int32)  # [B, T]
+  positions = np.full((batch, bucket), PADDING_POSITION, np.int32)  # [B, T]
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt) - 1] = prompt[:-1]
+    positions[row, :len(prompt) - 1] = np.arange(len(prompt) - 1)
+  return tokens, positions
+
+
 def _is_integer(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -173,11 +184,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   # whose logits then come out of the same compiled step as every later token's.
   bucket = prompt_bucket(int(lengths.max()) - 1)
   cache_length = _round_up(bucket + max_new_tokens, CACHE_LENGTH_MULTIPLE)
-  tokens = np.full((batch, bucket), PAD_TOKEN, np.int32)  # [B, T]
-  positions = np.full((batch, bucket), PADDING_POSITION, np.int32)  # [B, T]
-  for row, prompt in enumerate(prompts):
-    tokens[row, :len(prompt) - 1] = prompt[:-1]
-    positions[row, :len(prompt) - 1] = np.arange(len(prompt) - 1)
+  tokens, positions = prefill_rows(prompts, batch, bucket)
 
   graphdef, params = nnx.split(model)
   cache = _prefill_jit(graphdef, params, tokens, positions, cache_length=cache_length)

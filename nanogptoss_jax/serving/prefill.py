@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nanogptoss_jax.sampling.decode import PAD_TOKEN, PADDING_POSITION, prompt_bucket
+from nanogptoss_jax.sampling.decode import prefill_rows, prompt_bucket
 
 
 def batch_bucket(rows: int, slots: int) -> int:
@@ -36,6 +36,14 @@ def _prefill_into(graphdef, params, cache, tokens, positions, slot_ids, cache_le
 _prefill_jit = jax.jit(_prefill_into, static_argnums=(0, 6), donate_argnums=2)
 
 
+def _padded(prompts: list[list[int]], slot_ids: list[int], batch: int, bucket: int, slots: int):
+  """(tokens [R, T], positions [R, T], target rows [R]): the prompts' prefill rows, then
+  padding rows aimed past the last slot."""
+  rows = np.full(batch, slots, np.int32)
+  rows[:len(slot_ids)] = slot_ids
+  return (*prefill_rows(prompts, batch, bucket), rows)
+
+
 def prefill(graphdef, params, cache, prompts: list[list[int]], slot_ids: list[int],
             cache_length: int):
   """`cache` with each prompt but its last token prefilled into its slot's row.
@@ -45,14 +53,8 @@ def prefill(graphdef, params, cache, prompts: list[list[int]], slot_ids: list[in
   slots = jax.tree.leaves(cache)[0].shape[0]
   batch = batch_bucket(len(prompts), slots)
   bucket = prompt_bucket(max(max(len(p) for p in prompts) - 1, 1))
-  tokens = np.full((batch, bucket), PAD_TOKEN, np.int32)  # [R, T]
-  positions = np.full((batch, bucket), PADDING_POSITION, np.int32)  # [R, T]
-  for row, prompt in enumerate(prompts):
-    tokens[row, :len(prompt) - 1] = prompt[:-1]
-    positions[row, :len(prompt) - 1] = np.arange(len(prompt) - 1)
-  rows = np.full(batch, slots, np.int32)  # padding rows aim past the last slot
-  rows[:len(slot_ids)] = slot_ids
-  return _prefill_jit(graphdef, params, cache, tokens, positions, rows, cache_length)
+  return _prefill_jit(graphdef, params, cache, *_padded(prompts, slot_ids, batch, bucket, slots),
+                      cache_length)
 
 
 def warm_up(graphdef, params, cache, prompt_length: int, cache_length: int):
@@ -65,8 +67,6 @@ def warm_up(graphdef, params, cache, prompt_length: int, cache_length: int):
   # The first call may see a fresh cache whose sharding (single device) differs from the
   # jitted outputs' (the model's mesh): a key of its own, so batch 1 is compiled again after it.
   for batch in [1, *batch_buckets(slots)]:
-    tokens = np.full((batch, bucket), PAD_TOKEN, np.int32)
-    positions = np.full((batch, bucket), PADDING_POSITION, np.int32)
-    rows = np.full(batch, slots, np.int32)
-    cache = _prefill_jit(graphdef, params, cache, tokens, positions, rows, cache_length)
+    cache = _prefill_jit(graphdef, params, cache, *_padded([], [], batch, bucket, slots),
+                         cache_length)
   return cache
