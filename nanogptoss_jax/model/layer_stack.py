@@ -141,19 +141,20 @@ def _blocks_to_loop(blocks: Mapping) -> dict:
   return dict(enumerate(layers))
 
 
+def _has_blocks(node) -> bool:
+  return isinstance(node, Mapping) and isinstance(node.get(BLOCKS), Mapping)
+
+
 def to_layout(tree, target: str):
   """`tree` with every `blocks` node (of a model state, optimiser state, abstract or not) in
   the `target` layout, LOOP or SCAN; nodes already in it are left as they are."""
-  def has_blocks(node) -> bool:
-    return isinstance(node, Mapping) and isinstance(node.get(BLOCKS), Mapping)
-
   def convert(node):
-    if not has_blocks(node) or layout_of(node[BLOCKS]) == target:
+    if not _has_blocks(node) or layout_of(node[BLOCKS]) == target:
       return node
     blocks = (_blocks_to_scan if target == SCAN else _blocks_to_loop)(_raw(node)[BLOCKS])
     return type(node)({**_raw(node), BLOCKS: blocks})
 
-  return jax.tree.map(convert, tree, is_leaf=has_blocks)
+  return jax.tree.map(convert, tree, is_leaf=_has_blocks)
 
 
 def tree_layout(tree) -> str | None:
@@ -161,9 +162,9 @@ def tree_layout(tree) -> str | None:
   found = []
 
   def visit(node):
-    if isinstance(node, Mapping) and isinstance(node.get(BLOCKS), Mapping):
+    if _has_blocks(node):
       found.append(layout_of(node[BLOCKS]))
     return node
 
-  jax.tree.map(visit, tree, is_leaf=lambda n: isinstance(n, Mapping) and BLOCKS in n)
+  jax.tree.map(visit, tree, is_leaf=_has_blocks)
   return found[0] if found else None

@@ -188,7 +188,8 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, *,
     return None, None, meta
   # A step saved in the other layer layout (steps from before scanned layers name none: loop)
   # is read in its own and converted, optimiser state too.
-  wanted, saved = layer_stack.tree_layout(abstract_state), meta.get(LAYER_LAYOUT_KEY, "loop")
+  wanted = layer_stack.tree_layout(abstract_state)
+  saved = meta.get(LAYER_LAYOUT_KEY, layer_stack.LOOP)
   target = layer_stack.to_layout(abstract_state, saved)  # the same tree when in that layout
   # A leaf without a target sharding gets the saved one, which names the devices of the run
   # that wrote it (another mesh, other processes) and cannot be rebuilt on a different
