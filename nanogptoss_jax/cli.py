@@ -17,6 +17,14 @@ EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 _debug = False  # set by `run`: tracebacks wanted
 
+# Third-party INFO lines every command would print, shown with --debug: datasets' "JAX version
+# ... available" (at import) and JAX's "Unable to initialize backend 'tpu'" (on every machine
+# without one).
+CHATTY_LOGGERS = ("datasets", "jax._src.xla_bridge")
+# Orbax's warnings (through absl) that a read-only checkpoint manager will neither create nor
+# save, which is what loading asks for; shown with --debug.
+ORBAX_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
 
 class _NoTracebacks(logging.Filter):
   """Keeps a log record's message and drops its traceback (a library's background thread logs
@@ -27,11 +35,24 @@ class _NoTracebacks(logging.Filter):
     return True
 
 
+class _DropOrbaxReadOnlyNotes(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTES)
+
+
+_orbax_filter = _DropOrbaxReadOnlyNotes()  # one instance: setup_logging may run twice
+
+
 def setup_logging(absl_level: int = logging.WARNING) -> None:
+  """INFO for our lines; absl (Orbax) at `absl_level`, third-party chatter hidden unless --debug."""
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   # absl (pulled in by orbax) logs every checkpoint file operation at INFO; keep ours readable.
-  logging.getLogger("absl").setLevel(absl_level)
+  absl = logging.getLogger("absl")
+  absl.setLevel(min(absl_level, logging.WARNING) if _debug else absl_level)
   if not _debug:
+    absl.addFilter(_orbax_filter)
+    for name in CHATTY_LOGGERS:
+      logging.getLogger(name).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
       handler.addFilter(_NoTracebacks())
     # After a failed checkpoint write Orbax leaves futures whose errors asyncio reports again at

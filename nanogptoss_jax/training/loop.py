@@ -24,9 +24,8 @@ from nanogptoss_jax.sampling.text import generate_text
 from nanogptoss_jax.training import checkpoints as ckpt
 from nanogptoss_jax.training import faults
 from nanogptoss_jax.training import mesh as sharding
-from nanogptoss_jax.training.metrics_log import MetricsLog
+from nanogptoss_jax.training.metrics_log import MetricsLog, progress_interval
 from nanogptoss_jax.training.optimizer import lr_schedule
-from nanogptoss_jax.training.plots import plot_run
 from nanogptoss_jax.training.resume import check_resumable
 from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
 from nanogptoss_jax.training.state import abstract_train_state, init_train_state
@@ -59,7 +58,7 @@ class Trainer:
       raise
 
   def _prepare(self, cfg: RunConfig) -> None:
-    self.log = MetricsLog(self.run_dir, self.is_main)
+    self.log = MetricsLog(self.run_dir, self.is_main, cfg)
     # The BPE file: the one named in the config, else the copy the run directory carries.
     if cfg.data.tokenizer_path:
       use_bpe_file(cfg.data.tokenizer_path)
@@ -195,7 +194,7 @@ class Trainer:
       logging.info("run in %s is already at step %d of %d", self.run_dir, self.step, cfg.steps)
       return self._finish(self.evaluate())
     self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                    disable=not (self.progress and self.is_main))
+                    disable=not (self.progress and self.is_main), mininterval=progress_interval())
     last, pending = {}, None  # pending: (step, device metrics), fetched after the next dispatch
     multiprocess = jax.process_count() > 1
     signals = (signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)
@@ -257,8 +256,8 @@ class Trainer:
     if step > self._clock_step and elapsed > 0:
       self._tokens_per_s = (step - self._clock_step) * self.tokens_per_step / elapsed
     row["tokens_per_s"] = self._tokens_per_s
-    self.bar.update(step - self.bar.n)
-    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._tokens_per_s:,.0f}")
+    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._tokens_per_s:,.0f}", refresh=False)
+    self.bar.update(step - self.bar.n)  # draws at most every mininterval
     if step % self.cfg.train.log_every == 0:
       self.log.write(row)
     return row
@@ -282,12 +281,13 @@ class Trainer:
   def _finish(self, last: dict) -> dict:
     self.checkpoints.wait()
     if self.is_main and self.log.path.exists():
-      plot_run(self.log.path, self.run_dir / PLOT_FILE)
+      self.log.plot(self.run_dir / PLOT_FILE, self.step)
     return last
 
   def close(self) -> None:
     self.checkpoints.wait()
     self.checkpoints.close()
+    self.log.close()
 
 
 def train(cfg: RunConfig, *, progress: bool = True) -> dict:

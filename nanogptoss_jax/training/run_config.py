@@ -41,6 +41,7 @@ class TrainConfig:
   load_balance_coef: float = 0.01  # Switch-Transformer auxiliary loss
   router_z_coef: float = 0.001  # ST-MoE router z-loss
   fsdp: int = 1  # size of the mesh's fsdp axis; the data axis takes the remaining devices
+  wandb_project: str = ""  # a Weights & Biases project to log to as well (the wandb extra)
 
 
 @dataclasses.dataclass(frozen=True)
