@@ -22,6 +22,7 @@ LAYERS = [
     {"interop", "pretrained"},
     {"sampling"},
     {"training"},
+    {"evaluation"},
     {"experiments"},
     {"serving"},
     {"cli"},
@@ -30,7 +31,8 @@ LAYERS = [
 ]
 MAX_MODULE_LINES = 300
 CONSOLE_SCRIPTS = ("nanogptoss-train", "nanogptoss-generate", "nanogptoss-compare",
-                   "nanogptoss-export", "nanogptoss-serve", "nanogptoss-chat")
+                   "nanogptoss-export", "nanogptoss-serve", "nanogptoss-chat",
+                   "nanogptoss-eval")
 
 
 def _module_name(path: Path) -> str:

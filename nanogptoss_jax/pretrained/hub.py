@@ -19,7 +19,8 @@ from nanogptoss_jax.pretrained.safetensors_io import CheckpointError
 from nanogptoss_jax.pretrained.tokenizer import TOKENIZER_FILE
 
 # owner/name, then any folders, then an optional @revision; hub names use [A-Za-z0-9_.-].
-HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?P<folder>(?:/[\w.-]+)*)(?:@(?P<revision>[\w./-]+))?")
+HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?P<folder>(?:/[\w.-]+)*)"
+                    r"(?:@(?P<revision>[\w./-]+))?")
 # What load_pretrained reads from a layout's folder (layout.py): the config, the weights with
 # their index, and our tokenizer if an export left one. Nothing in a folder below it.
 LAYOUT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", TOKENIZER_FILE)
@@ -89,7 +90,8 @@ def _failure(path, repo, revision, allow, ignore, error: Exception) -> str:
 
   fetch = download_command(repo, revision, allow, ignore)
   endpoint, cache = constants.ENDPOINT, constants.HF_HUB_CACHE
-  why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+  lines = str(error).strip().splitlines()
+  why = f"{type(error).__name__}: {lines[0] if lines else ''}"
   if isinstance(error, errors.GatedRepoError):
     return (f"{repo} is gated: accept its terms at {endpoint}/{repo}, then log in with "
             "`hf auth login`")

@@ -1,0 +1,1 @@
+"""Scoring checkpoints: lm-evaluation-harness tasks, and loss / bits per byte on a text dataset."""
