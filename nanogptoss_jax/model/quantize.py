@@ -1,0 +1,95 @@
+"""Quantize a trained GPT-OSS: float expert matrices to OpenAI's MXFP4 (model/mxfp4.quantize).
+
+Only the experts change (they hold nearly all the weights of a mixture of experts); attention,
+router, norms, embeddings and the expert biases keep their dtype, as in the published gpt-oss
+checkpoints. The result is the model a loader builds with MXFP4 experts kept: it serves, and
+`save_pretrained` writes it in Hugging Face's MXFP4 layout.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.model import mxfp4
+from nanogptoss_jax.model.gptoss import GptOss
+
+EXPERT_FORMATS = ("mxfp4",)
+# Each float expert matrix [E, in, out] and the MXFP4 storage that replaces it.
+MXFP4_STORAGE = {"mlp1_weight": ("mlp1_blocks", "mlp1_scales"),
+                 "mlp2_weight": ("mlp2_blocks", "mlp2_scales")}
+STORAGE_SOURCE = {part: (weight, i) for weight, parts in MXFP4_STORAGE.items()
+                  for i, part in enumerate(parts)}
+
+
+def expert_format(model: GptOss) -> str:
+  """How `model` stores its experts: "float" or "mxfp4"."""
+  return getattr(model, "execution", model.cfg).expert_format
+
+
+def _abstract_twin(model: GptOss, storage: str) -> GptOss:
+  """`model`'s architecture and run settings with experts stored as `storage`, shapes only.
+
+  Models built before the ExecutionConfig split carry `expert_format` on their `cfg`.
+  """
+  execution = getattr(model, "execution", None)
+  if execution is None:
+    cfg = model.cfg.replace(expert_format=storage)
+    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0)))
+  execution = execution.replace(expert_format=storage)
+  return nnx.eval_shape(lambda: GptOss(model.cfg, execution=execution, rngs=nnx.Rngs(0)))
+
+
+def quantize(model: GptOss, experts: str = "mxfp4") -> GptOss:
+  """`model` with its expert matrices in MXFP4 (blocks of 32 input values, one power-of-two
+  scale each); a model whose experts are MXFP4 already comes back as it is."""
+  if experts not in EXPERT_FORMATS:
+    raise UserError(f"quantize(experts={experts!r}): the supported formats are {EXPERT_FORMATS}")
+  if not isinstance(model, GptOss):
+    raise UserError(f"quantize needs a GPT-OSS model (its experts are what is quantized); got "
+                    f"{type(model).__name__}")
+  if expert_format(model) == experts:
+    return model
+  source = dict(nnx.to_flat_state(nnx.state(model)))
+  if not all(bool(jnp.isfinite(variable[...]).all()) for path, variable in source.items()
+             if path[-1] in MXFP4_STORAGE):
+    raise UserError("quantize: the model's expert weights hold NaN or Inf; MXFP4 cannot store "
+                    "them (train or load a healthy checkpoint first)")
+  target = _abstract_twin(model, experts)
+  flat = dict(nnx.to_flat_state(nnx.state(target)))
+  quantized = {}  # each float matrix once: its blocks and scales come from one quantize call
+  for path, variable in flat.items():
+    if path[-1] not in STORAGE_SOURCE:
+      variable.set_value(source[path][...])
+      continue
+    weight, part = STORAGE_SOURCE[path[-1]]
+    weight_path = (*path[:-1], weight)
+    if weight_path not in quantized:
+      # Ours are [..., E, in, out]; MXFP4 blocks run along `in`, stored [..., E, out, in/32, 16].
+      quantized[weight_path] = mxfp4.quantize(jnp.swapaxes(source[weight_path][...], -1, -2))
+    variable.set_value(quantized[weight_path][part])
+  return nnx.merge(nnx.graphdef(target), nnx.from_flat_state(flat))
+
+
+def expert_bytes(model: GptOss) -> int:
+  """Bytes the expert matrices take (floats, or MXFP4 blocks and scales); biases left out."""
+  names = set(MXFP4_STORAGE) | set(STORAGE_SOURCE)
+  return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
+             for path, v in nnx.to_flat_state(nnx.state(model)) if path[-1] in names)
+
+
+@nnx.jit
+def _logits(model: GptOss, tokens: jax.Array) -> jax.Array:
+  return model(tokens).astype(jnp.float32)  # compiled once: eager, each op compiles alone
+
+
+def quantization_error(reference: GptOss, quantized: GptOss, tokens: jax.Array) -> dict:
+  """What quantizing cost on `tokens` [B, T]: the largest |logit difference| and the mean over
+  tokens of KL(reference || quantized) of the next-token distributions, in nats."""
+  want, got = _logits(reference, tokens), _logits(quantized, tokens)  # [B, T, V]
+  log_p, log_q = jax.nn.log_softmax(want, axis=-1), jax.nn.log_softmax(got, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [B, T]
+  return {"max_abs_logit_diff": float(jnp.max(jnp.abs(want - got))),
+          "mean_kl": float(jnp.mean(kl)),
+          "expert_bytes": (expert_bytes(reference), expert_bytes(quantized))}
