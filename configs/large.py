@@ -26,7 +26,7 @@ def get_config() -> RunConfig:
       data=DataConfig(compact_vocab_size=0),
       optim=OptimConfig(lr=2e-4, min_lr=2e-5, warmup_steps=200),
       # Float32 params and AdamW state alone take ~55 GB: accumulate micro-batches to bound
-      # activations, and shard with train.fsdp on more than one device.
+      # activations, and shard with execution.fsdp on more than one device.
       train=TrainConfig(steps=5000, batch_size=32, grad_accum=4, context_len=512, eval_every=250,
                         ckpt_every=500),
       run_dir="runs/large",

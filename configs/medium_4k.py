@@ -17,5 +17,5 @@ def get_config() -> RunConfig:
   """configs/medium.py's model and optimizer (AdamW 3e-4 cosine to 3e-5), 5 x 4,000 tokens."""
   cfg = load_config_file(Path(__file__).with_name("medium.py"))
   train = dataclasses.replace(cfg.train, batch_size=5, grad_accum=1, context_len=4000)
-  model = cfg.model.replace(remat="matmuls")
-  return dataclasses.replace(cfg, model=model, train=train, run_dir="runs/medium_4k")
+  execution = cfg.execution.replace(remat="matmuls")
+  return dataclasses.replace(cfg, execution=execution, train=train, run_dir="runs/medium_4k")

@@ -14,8 +14,9 @@ _EXPORTS = {
     "from_torch_state_dict": "interop.torch_reference",
     "to_torch_state_dict": "interop.torch_reference",
     "generate": "sampling.decode", "generate_text": "sampling.text",
-    "load_checkpoint": "training.checkpoints",
+    "load_checkpoint": "training.weights",
     "load_pretrained": "pretrained.load", "save_pretrained": "pretrained.export",
+    "quantize": "model.quantize",
     "UserError": "errors",
     "render_chat": "chat.harmony", "parse_chat": "chat.harmony",
 }

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogptoss_jax import GptOss, GptOssConfig
-from nanogptoss_jax.training.step import token_losses
+from nanogptoss_jax.training.losses import token_losses
 
 GROWTH_PER_DOUBLING = 2.3
 # configs/nano.py's layer shapes, two layers.

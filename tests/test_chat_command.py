@@ -15,7 +15,7 @@ from flax import nnx
 from nanogptoss_jax.commands.chat import PROMPT, STOPPED
 from nanogptoss_jax.sampling.decode import generate
 from nanogptoss_jax.serving.open_model import open_model
-from nanogptoss_jax.training.checkpoints import load_checkpoint
+from nanogptoss_jax.training.weights import load_checkpoint
 from nanogptoss_jax.training.loop import train
 from tests.train_helpers import tiny_run
 

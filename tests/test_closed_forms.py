@@ -19,6 +19,7 @@ from nanogptoss_jax.model.rope import yarn_frequencies
 from nanogptoss_jax.training import step as train_step_module
 from nanogptoss_jax.training.optimizer import make_optimizer
 from nanogptoss_jax.training.state import init_train_state, split_model
+from nanogptoss_jax.training.losses import next_token_loss
 from nanogptoss_jax.training.step import make_train_step
 from tests.train_helpers import tiny_run
 
@@ -100,8 +101,7 @@ def _setup(tmp_path, **train_changes):
 def test_total_loss_adds_the_router_losses_with_their_coefficients(tmp_path):
   cfg, model, graphdef = _setup(tmp_path, load_balance_coef=0.3, router_z_coef=0.02)
   batch = jax.random.randint(jax.random.key(1), (8, 33), 0, cfg.model.vocab_size)
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  total, (metrics, _) = train_step_module._loss(params, graphdef, rest, batch, cfg)
+  total, metrics = next_token_loss(model, batch, cfg)
   assert float(metrics["load_balance_loss"]) > 0.5 and float(metrics["router_z_loss"]) > 0
   want = metrics["loss"] + 0.3 * metrics["load_balance_loss"] + 0.02 * metrics["router_z_loss"]
   np.testing.assert_allclose(float(total), float(want), rtol=1e-6)

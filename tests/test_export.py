@@ -17,7 +17,7 @@ from nanogptoss_jax.model.config import Gpt2Config, GptOssConfig
 from nanogptoss_jax.model.registry import build_model
 from nanogptoss_jax.pretrained.export import save_pretrained
 from nanogptoss_jax.pretrained.load import load_pretrained
-from nanogptoss_jax.training.checkpoints import load_checkpoint
+from nanogptoss_jax.training.weights import load_checkpoint
 from nanogptoss_jax.training.loop import train
 from pretrained_helpers import TINY, write_original
 from reference import relative_error

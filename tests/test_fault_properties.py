@@ -22,6 +22,7 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.loop import Trainer, TrainingDivergedError
 from nanogptoss_jax.training.run_config import gpt2_twin
 from tests.train_helpers import tiny_run
@@ -71,7 +72,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _load_params(run_dir: Path):
-  model, _ = ckpt.load_checkpoint(run_dir)
+  model, _ = weights.load_checkpoint(run_dir)
   return _params(nnx.state(model, nnx.Param))
 
 
@@ -103,8 +104,8 @@ def test_loaded_weights_are_the_trained_ones_and_best_has_the_lowest_val_loss(ba
       [str(best_step)]
   assert _equal(_load_params(run_dir), saved[best_step])  # load_checkpoint reads best/
   assert not _equal(saved[best_step], saved[min(saved)])  # training moved the weights
-  newest = ckpt._read_only_manager(run_dir / ckpt.PERIODIC_DIR)
-  model, _ = ckpt._load_step(newest, 12)
+  newest = ckpt.read_only_manager(run_dir / ckpt.PERIODIC_DIR)
+  model, _ = weights.load_step(newest, 12)
   assert _equal(_params(nnx.state(model, nnx.Param)), saved[12])
 
 

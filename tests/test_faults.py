@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.faults import FAULT_ENV
 from tests.train_helpers import tiny_run
 
@@ -142,12 +143,12 @@ def test_a_damaged_checkpoint_is_skipped_and_named(baseline, tmp_path, caplog, h
     _damage(_largest_file(step_dir), how)
   before = sorted(str(p) for p in run_dir.rglob("*"))
   with caplog.at_level(logging.INFO):
-    model, _ = ckpt.load_checkpoint(run_dir)
+    model, _ = weights.load_checkpoint(run_dir)
   assert f"loaded {run_dir}/{ckpt.PERIODIC_DIR}/{expected}" in caplog.text
   for step_dir in damaged:
     assert f"{step_dir.parent.name}/{step_dir.name} (" in caplog.text  # named as skipped
-  reference = ckpt._read_only_manager(base_dir / ckpt.PERIODIC_DIR)
-  want, _ = ckpt._load_step(reference, expected)
+  reference = ckpt.read_only_manager(base_dir / ckpt.PERIODIC_DIR)
+  want, _ = weights.load_step(reference, expected)
   assert all(np.array_equal(a, b) for a, b in zip(_params(model), _params(want)))
   assert sorted(str(p) for p in run_dir.rglob("*")) == before  # a reader moves nothing
   FAULT_TABLE.append((f"{how} a file of {where}", "yes",
@@ -169,7 +170,7 @@ def test_a_full_disk_fails_clearly_and_keeps_earlier_checkpoints(baseline, cache
   assert "Traceback" not in full.stderr, full.stderr[-3000:]  # Orbax's threads' ones too
   assert [p.name for p in sorted((run_dir / ckpt.PERIODIC_DIR).iterdir())
           if p.name.isdigit()] == [s for s in saved if s.isdigit()]
-  model, _ = ckpt.load_checkpoint(run_dir)  # step 4 still loads
+  model, _ = weights.load_checkpoint(run_dir)  # step 4 still loads
   rerun = _train(config, tmp)  # room again: the run resumes and finishes
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   FAULT_TABLE.append(("disk full during a save (RLIMIT_FSIZE 64 KiB)", "yes",

@@ -17,6 +17,7 @@ LAYERS = [
     {"errors", "o200k", "cpu_malloc"},
     {"kernels"},
     {"model"},
+    {"parallel"},
     {"data"},
     {"chat"},
     {"interop", "pretrained"},

@@ -13,13 +13,14 @@ from nanogptoss_jax import Gpt2, Gpt2Config, GptOss, GptOssConfig
 from nanogptoss_jax.kernels.attention import QUERY_BLOCK
 from nanogptoss_jax.kernels.cross_entropy import unembed_cross_entropy
 from nanogptoss_jax.model.attention import attend, attention
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.unembedding import plain_cross_entropy
-from nanogptoss_jax.training.step import token_losses
+from nanogptoss_jax.training.losses import token_losses
 from tests.reference import relative_error
 from tests.test_model_properties import _random_module
 
 TOLERANCE = 1e-5
-PLAIN = dict(attention_impl="plain", matmul_impl="plain", loss_impl="plain")
+PLAIN = ExecutionConfig(attention_impl="plain", matmul_impl="plain", loss_impl="plain")
 
 
 def _normal(shape, seed):
@@ -91,22 +92,21 @@ MOE_CFG = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, 
                        num_key_value_heads=2, sliding_window=5, rope_scaling_factor=1.0)
 
 
-@pytest.mark.parametrize("model_class, cfg", [
-    (GptOss, MOE_CFG),
-    (GptOss, MOE_CFG.replace(moe_impl="ragged")),
+@pytest.mark.parametrize("model_class, cfg, execution", [
+    (GptOss, MOE_CFG, ExecutionConfig()),
+    (GptOss, MOE_CFG, ExecutionConfig(moe_impl="ragged")),
     (Gpt2, Gpt2Config(num_hidden_layers=2, vocab_size=97, hidden_size=32, num_attention_heads=4,
-                      max_position_embeddings=80)),
+                      max_position_embeddings=80), ExecutionConfig()),
 ])
-def test_plain_model_equals_the_default_one(model_class, cfg):
+def test_plain_model_equals_the_default_one(model_class, cfg, execution):
   """All plain implementations (readable attention, jnp.matmul, textbook loss, dense MoE) give
   the default fast model's logits, loss and every parameter gradient."""
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 71)))
   results = []
-  for impl in ({}, dict(PLAIN, **({"moe_impl": "dense"} if model_class is GptOss else {}))):
-    cfg_impl = dataclasses.replace(cfg, **impl)
+  for impl in (execution, PLAIN.replace(moe_impl="dense")):
     # GPT-2's dropout streams are state too; its seeded init gives both models equal weights.
-    model = (_random_module(model_class, cfg_impl) if model_class is GptOss
-             else model_class(cfg_impl, rngs=nnx.Rngs(0)))
+    model = (_random_module(model_class, cfg, execution=impl) if model_class is GptOss
+             else model_class(cfg, execution=impl, rngs=nnx.Rngs(0)))
     loss = lambda m: token_losses(m, tokens)[0].mean()
     value, grads = nnx.value_and_grad(loss)(model)
     results.append((model(tokens[:, :-1]), value, grads))
@@ -115,3 +115,28 @@ def test_plain_model_equals_the_default_one(model_class, cfg):
   _assert_close(value, plain_value, "loss")
   for (path, ours), (_, theirs) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(plain_grads)):
     _assert_close(ours[...], theirs[...], "grad " + ".".join(map(str, path)))
+
+
+def test_cross_entropy_kernels_take_per_token_weights():
+  """Fused and chunked losses scale each token by its weight, in values and gradients, as the
+  plain twin does; a zero weight removes a token entirely."""
+  from nanogptoss_jax.kernels.chunked_cross_entropy import chunked_cross_entropy
+  hidden, kernel = _normal((37, 16), 1), _normal((16, 53), 2)
+  labels = jnp.asarray(np.random.default_rng(3).integers(0, 53, 37))
+  weights = jnp.asarray(np.random.default_rng(4).uniform(0, 2, 37) * (np.arange(37) % 5 > 0),
+                        jnp.float32)
+  kernels = {"fused": unembed_cross_entropy,
+             "chunked": lambda h, w, y, s: chunked_cross_entropy(h, w, y, s, chunk=8)}
+  plain = lambda h, w: plain_cross_entropy(h, w, labels, weights).sum()
+  want, want_grads = jax.value_and_grad(plain, argnums=(0, 1))(hidden, kernel)
+  unweighted = plain_cross_entropy(hidden, kernel, labels)
+  np.testing.assert_allclose(plain_cross_entropy(hidden, kernel, labels, weights),
+                             unweighted * weights, rtol=1e-6)
+  for name, fn in kernels.items():
+    value, grads = jax.value_and_grad(lambda h, w: fn(h, w, labels, weights).sum(),
+                                      argnums=(0, 1))(hidden, kernel)
+    _assert_close(value, want, f"{name} loss")
+    for ours, theirs in zip(grads, want_grads):
+      _assert_close(ours, theirs, f"{name} gradient")
+    dropped = jax.grad(lambda h: fn(h, kernel, labels, weights).sum())(hidden)
+    assert not np.asarray(dropped)[np.asarray(weights) == 0].any()

@@ -13,10 +13,12 @@ from flax import nnx
 from nanogptoss_jax.interop.torch_reference import from_torch_state_dict, to_torch_state_dict
 from nanogptoss_jax.model import choices, layer_stack
 from nanogptoss_jax.model.config import GptOssConfig
-from nanogptoss_jax.model.gptoss import GptOss
-from nanogptoss_jax.training import checkpoints, mesh
-from nanogptoss_jax.training.checkpoints import load_checkpoint
+from nanogptoss_jax.model.execution import ExecutionConfig
+from nanogptoss_jax.model.gptoss import GptOss, layer_layout
+from nanogptoss_jax.parallel import rules
+from nanogptoss_jax.training import checkpoints
 from nanogptoss_jax.training.loop import Trainer, train
+from nanogptoss_jax.training.weights import load_checkpoint
 from train_helpers import tiny_run
 
 TOLERANCE = 1e-5
@@ -26,9 +28,9 @@ SMALL = GptOssConfig(hidden_size=32, head_dim=8, num_attention_heads=4, num_key_
 
 
 def _pair(layers: int, remat: str = "none"):
-  cfg = SMALL.replace(num_hidden_layers=layers, remat=remat)
-  return (GptOss(cfg.replace(layers_impl="loop"), rngs=nnx.Rngs(0)),
-          GptOss(cfg.replace(layers_impl="scan"), rngs=nnx.Rngs(0)))
+  cfg = SMALL.replace(num_hidden_layers=layers)
+  return tuple(GptOss(cfg, execution=ExecutionConfig(remat=remat, layers_impl=layout),
+                      rngs=nnx.Rngs(0)) for layout in ("loop", "scan"))
 
 
 def _loss(model, tokens):
@@ -92,19 +94,22 @@ def test_state_converts_both_ways_without_loss():
   names = to_torch_state_dict(loop)
   assert {k: v.tolist() for k, v in to_torch_state_dict(scan).items()} == {
       k: v.tolist() for k, v in names.items()}
-  rebuilt = from_torch_state_dict(scan.cfg, names)
+  rebuilt = from_torch_state_dict(scan.cfg, names, scan.execution)
   assert isinstance(rebuilt.blocks, layer_stack.ScannedBlocks)
   tokens = jnp.arange(10)[None] % SMALL.vocab_size
   np.testing.assert_array_equal(rebuilt(tokens), scan(tokens))
 
 
 def test_auto_scans_deep_models_and_stacked_axes_are_never_sharded():
-  assert SMALL.replace(num_hidden_layers=4).layer_layout == "loop"
-  assert SMALL.replace(num_hidden_layers=choices.SCAN_FROM_LAYERS).layer_layout == "scan"
+  auto = ExecutionConfig()
+  assert layer_layout(SMALL.replace(num_hidden_layers=4), auto) == "loop"
+  assert layer_layout(SMALL.replace(num_hidden_layers=choices.SCAN_FROM_LAYERS), auto) == "scan"
   # The largest axis divides fsdp, but it counts layers: split the next one instead.
-  assert mesh.fsdp_spec((8, 4, 6), 2, stacked=True) == jax.sharding.PartitionSpec(None, None,
-                                                                                    "fsdp")
-  assert mesh.fsdp_spec((8, 4, 6), 2) == jax.sharding.PartitionSpec("fsdp", None, None)
+  stacked = ("layers", "experts", "embed")
+  assert rules.param_spec(stacked, (8, 4, 6), {"fsdp": 2}) == jax.sharding.PartitionSpec(
+      None, None, "fsdp")
+  assert rules.param_spec(stacked[1:] + ("expert_mlp",), (8, 4, 6), {"fsdp": 2}) == (
+      jax.sharding.PartitionSpec("fsdp", None, None))
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +129,8 @@ def test_a_checkpoint_from_before_scanning_resumes_scanned(tmp_path, cache_dir, 
   def three_layers(name, impl, **train_changes):
     cfg = tiny_run(tmp_path / name, cache_dir, steps=8, eval_every=100, sample_tokens=0,
                    **train_changes)
-    return dataclasses.replace(cfg, model=cfg.model.replace(num_hidden_layers=3,
-                                                             layers_impl=impl))
+    return dataclasses.replace(cfg, model=cfg.model.replace(num_hidden_layers=3),
+                               execution=cfg.execution.replace(layers_impl=impl))
 
   train(three_layers("full", "loop"), progress=False)
   old_meta = checkpoints.make_meta

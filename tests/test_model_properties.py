@@ -4,6 +4,7 @@ sparse-vs-dense MoE, bf16 compute, config validation, and full-size parameter co
 import functools
 import math
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,11 @@ from nanogptoss_jax.kernels.moe_dispatch import block_plan, sorted_experts
 from nanogptoss_jax.model import config
 from nanogptoss_jax.model.attention import attend
 from nanogptoss_jax.model.choices import moe_impl as resolve_moe_impl
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.moe import MoE, dense_experts, swiglu
 from nanogptoss_jax.model.params import count_params
 from nanogptoss_jax.model.rope import rope_tables, rope_tables_in_order
+from nanogptoss_jax.training.config_files import load_config_file
 from tests.reference import relative_error
 
 WINDOW = 4
@@ -50,12 +53,12 @@ def _random_params(abstract: nnx.Module, seed: int) -> nnx.State:
   return params
 
 
-def _random_module(cls, cfg, seed: int = 0):
+def _random_module(cls, cfg, seed: int = 0, execution=None):
   """cls(cfg) holding seeded random weights; the draws depend only on the parameter shapes.
 
   Built abstractly and then filled: running the real initialisers eagerly costs seconds here.
   """
-  abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: cls(cfg, execution=execution, rngs=nnx.Rngs(0)))
   return nnx.merge(nnx.graphdef(abstract), _random_params(abstract, seed))
 
 
@@ -64,8 +67,8 @@ def _normal(shape, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _model(cfg: GptOssConfig = CFG, seed: int = 0) -> GptOss:
-  return _random_module(GptOss, cfg, seed)
+def _model(cfg: GptOssConfig = CFG, seed: int = 0, execution=None) -> GptOss:
+  return _random_module(GptOss, cfg, seed, execution)
 
 
 def _positions(batch: int, length: int) -> jax.Array:
@@ -336,7 +339,8 @@ def test_bfloat16_compute_stays_close_to_float32():
   # Every expert on every token: with top-k, bf16 rounding may flip a near-tie in the routing
   # and move that token's logits by O(1), a discrete effect no tolerance describes.
   cfg = CFG.replace(experts_per_token=CFG.num_experts)
-  high, low = _model(cfg), _model(cfg.replace(dtype="bfloat16"))  # same float32 weights
+  high = _model(cfg)
+  low = _model(cfg, execution=ExecutionConfig(dtype="bfloat16"))  # same float32 weights
   tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, LENGTH), dtype=np.int32)
   err = relative_error(_logits(low, tokens), _logits(high, tokens))
   print(f"\n[bf16 vs f32 logits] rel err {err:.2e}")
@@ -382,15 +386,21 @@ def _abstract(cls, cfg):
 
 
 @functools.cache
+def _preset(preset: str) -> GptOssConfig:
+  if preset == "medium":  # the seed's training setup
+    return load_config_file(Path(__file__).parents[1] / "configs" / "medium.py").model
+  return getattr(config, preset)
+
+
 def _preset_counts(preset: str) -> dict[str, int]:
-  return _abstract(GptOss, getattr(config, preset)).param_counts()
+  return _abstract(GptOss, _preset(preset)).param_counts()
 
 
-@pytest.mark.parametrize("preset", ["SEED_MEDIUM", "GPT_OSS_20B"])
+@pytest.mark.parametrize("preset", ["medium", "GPT_OSS_20B"])
 def test_full_size_parameter_counts(preset):
   counts = _preset_counts(preset)
   print(f"\n[params] {preset}: total {counts['total']:,}, active {counts['active']:,}")
-  assert counts == _expected_gptoss_counts(getattr(config, preset))
+  assert counts == _expected_gptoss_counts(_preset(preset))
 
 
 def test_gpt_oss_20b_counts_match_the_model_card():

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.loop import train
 from tests.train_helpers import tiny_run
 
@@ -75,7 +76,7 @@ def _launch(run_dir: Path, cache_dir: Path, logs: Path, *overrides: str) -> list
     # fsdp=2 over one device per process: parameters and optimiser state are split across the
     # processes, as is every batch, so each step all-gathers and reduces through gloo.
     cmd = _train_command(run_dir, cache_dir, f"train.steps={STEPS}", f"train.eval_every={STEPS}",
-                         f"train.ckpt_every={STEPS}", "train.fsdp=2", *overrides)
+                         f"train.ckpt_every={STEPS}", "execution.fsdp=2", *overrides)
     with open(logs / f"process{index}.log", "w") as log:
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
   return procs
@@ -138,8 +139,8 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
   checkpoints = ckpt.RunCheckpoints(tmp_path / "two")
   assert checkpoints.latest_step() == STEPS
   checkpoints.close()
-  model, tokenizer = ckpt.load_checkpoint(tmp_path / "two")
-  reference, _ = ckpt.load_checkpoint(tmp_path / "one")
+  model, tokenizer = weights.load_checkpoint(tmp_path / "two")
+  reference, _ = weights.load_checkpoint(tmp_path / "one")
   assert tokenizer.vocab_size == model.cfg.vocab_size
   loaded, wanted = nnx.state(model, nnx.Param), nnx.state(reference, nnx.Param)
   assert jax.tree.structure(loaded) == jax.tree.structure(wanted)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nanogptoss_jax.kernels import mxfp4 as kernel_mxfp4
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model import mxfp4 as plain_mxfp4
 from nanogptoss_jax.pretrained.export import save_pretrained
 from nanogptoss_jax.pretrained.load import load_pretrained
@@ -68,17 +69,17 @@ def test_original_layout_matches_the_reference(loaded, reference_logits, mode):
 @pytest.mark.parametrize("impl", ["sorted", "dense", "ragged"])
 def test_keep_works_with_every_dispatch(loaded, reference_logits, impl):
   model = loaded["keep"]
-  original = model.cfg
+  original = model.blocks[0].mlp.execution
   try:
     for block in model.blocks:
-      block.mlp.cfg = original.replace(moe_impl=impl)
+      block.mlp.execution = original.replace(moe_impl=impl)
     assert relative_error(model(jnp.asarray(TOKENS)), reference_logits) <= TOLERANCE
     # One token: the sorted dispatch then decodes only the selected experts.
     first = model(jnp.asarray(TOKENS[:1, :1]))
     assert relative_error(first, reference_logits[:1, :1]) <= TOLERANCE
   finally:
     for block in model.blocks:
-      block.mlp.cfg = original
+      block.mlp.execution = original
 
 
 def _transformers_logits(path, quantized):
@@ -122,8 +123,8 @@ def test_published_sizes_fit_with_keep():
   from nanogptoss_jax.model.registry import abstract_model
   from nanogptoss_jax.pretrained.load import model_bytes
   # Published checkpoints: bf16 everywhere but the experts (uint8 blocks + scales).
-  sizes = {name: model_bytes(abstract_model(cfg.replace(expert_format="mxfp4", dtype="bfloat16",
-                                                        param_dtype="bfloat16"))) / 1e9
+  published = ExecutionConfig(expert_format="mxfp4", dtype="bfloat16", param_dtype="bfloat16")
+  sizes = {name: model_bytes(abstract_model(cfg, published)) / 1e9
            for name, cfg in (("20b", GPT_OSS_20B), ("120b", GPT_OSS_120B))}
   assert 13.0 < sizes["20b"] <= 14.0 and 64.0 < sizes["120b"] <= 66.0, sizes
 
@@ -134,9 +135,7 @@ MESH_CHILD = """
 import json, sys
 import jax, numpy as np
 from jax.sharding import AxisType
-from nanogptoss_jax.pretrained import load
 from nanogptoss_jax.pretrained.load import load_pretrained
-load.SHARD_MIN_ELEMENTS = 1024  # the tiny model's tensors count as large
 path, tokens, out = sys.argv[1], np.load(sys.argv[2]), sys.argv[3]
 assert jax.device_count() == 8, jax.device_count()
 explicit = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)

@@ -6,9 +6,20 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import nanogptoss_jax
+from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import mxfp4
+from nanogptoss_jax.model.config import Gpt2Config
+from nanogptoss_jax.model.execution import ExecutionConfig
+from nanogptoss_jax.model.gpt2 import Gpt2
+from nanogptoss_jax.model.gptoss import GptOss
+from nanogptoss_jax.model.quantize import quantization_error
 from nanogptoss_jax.pretrained import safetensors_io
+from nanogptoss_jax.pretrained.load import load_pretrained
+from pretrained_helpers import TINY, write_original
+from reference import relative_error
 
 torch = pytest.importorskip("torch")
 MAGNITUDES = np.array(mxfp4.FP4_VALUES[:8])  # e2m1 magnitudes, code = index (+8 if negative)
@@ -139,3 +150,127 @@ def test_quantize_error_within_the_format_bound():
 def test_quantize_refuses_a_length_not_a_multiple_of_32():
   with pytest.raises(ValueError, match="multiple"):
     mxfp4.quantize(jnp.zeros((4, 48)))
+
+
+# ---- whole models: ng.quantize ----
+
+def lut_decode(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+  """The reference's decode in numpy: FP4 table (low nibble first) times 2^(scale - 127)."""
+  codes = np.stack([blocks & 15, blocks >> 4], -1).reshape(*blocks.shape[:-1], 32)
+  values = np.ldexp(np.array(mxfp4.FP4_VALUES)[codes], scales[..., None].astype(int) - 127)
+  return values.reshape(*scales.shape[:-1], -1).astype(np.float32)
+
+
+@nnx.jit
+def logits_of(model, tokens):
+  return model(tokens)
+
+
+def flat_params(model) -> dict:
+  return dict(nnx.to_flat_state(nnx.state(model)))
+
+
+def with_random_biases(model, seed: int = 0):
+  """model with every bias drawn at random: freshly built ones are zeros, which hide a mix-up."""
+  rng = np.random.default_rng(seed)
+  for path, variable in flat_params(model).items():
+    if path[-1] in ("bias", "mlp1_bias", "mlp2_bias"):
+      variable.set_value(jnp.asarray(rng.normal(0, 0.1, variable.shape), variable.dtype))
+  return model
+
+
+def dequantized_twin(float_model, quantized):
+  """float_model with each expert matrix set to quantized's blocks decoded by lut_decode."""
+  twin = nnx.clone(float_model)
+  q = flat_params(quantized)
+  for path, variable in flat_params(twin).items():
+    if path[-1] in ("mlp1_weight", "mlp2_weight"):
+      stem = path[-1].removesuffix("_weight")
+      value = lut_decode(np.asarray(q[(*path[:-1], f"{stem}_blocks")][...]),
+                         np.asarray(q[(*path[:-1], f"{stem}_scales")][...]))
+      variable.set_value(jnp.asarray(np.swapaxes(value, -1, -2)))  # [.., E, out, in] -> ours
+  return twin
+
+
+@pytest.mark.parametrize("layers", ["loop", "scan"])
+def test_quantized_model_computes_with_its_decoded_weights(layers):
+  model = with_random_biases(GptOss(TINY, execution=ExecutionConfig(layers_impl=layers),
+                                    rngs=nnx.Rngs(0)))
+  quantized = nanogptoss_jax.quantize(model, experts="mxfp4")
+  params = flat_params(quantized)
+  assert not any(p[-1] in ("mlp1_weight", "mlp2_weight") for p in params)
+  assert all(v[...].dtype == jnp.uint8 for p, v in params.items() if p[-1].endswith(
+      ("_blocks", "_scales")))
+  twin = dequantized_twin(model, quantized)
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, TINY.vocab_size, (2, 12)))
+  np.testing.assert_array_equal(np.asarray(logits_of(quantized, tokens)),
+                                np.asarray(logits_of(twin, tokens)))
+  # One token: the sorted dispatch then decodes only the experts it selects, a program XLA
+  # fuses differently from the float twin's gather, so equal up to float32 rounding.
+  assert relative_error(logits_of(quantized, tokens[:1, :1]), logits_of(twin, tokens[:1, :1])) <= 1e-6
+  # Everything but the expert matrices is carried over as it was.
+  for path, variable in flat_params(model).items():
+    if path[-1] not in ("mlp1_weight", "mlp2_weight"):
+      np.testing.assert_array_equal(np.asarray(params[path][...]), np.asarray(variable[...]))
+  cost = quantization_error(model, quantized, tokens)
+  assert 0 < cost["max_abs_logit_diff"] < 1 and 0 < cost["mean_kl"] < 1e-2
+  float_bytes, mxfp4_bytes = cost["expert_bytes"]
+  assert float_bytes / mxfp4_bytes == pytest.approx(4 / (0.5 + 1 / 32))  # 4.25 bits a weight
+
+
+def test_a_loaded_published_model_requantizes_to_its_file(tmp_path):
+  """Published-style experts loaded as floats come back as the file's blocks wherever the
+  file's block is one the rule reproduces (top code 4.0 or 6.0), and as its values everywhere."""
+  tensors = write_original(str(tmp_path))
+  model = load_pretrained(str(tmp_path), dtype="float32", mxfp4="dequantize")[0]
+  quantized = flat_params(nanogptoss_jax.quantize(model))
+  checked = 0
+  for layer in range(TINY.num_hidden_layers):
+    for matrix in ("mlp1", "mlp2"):
+      blocks = tensors[f"block.{layer}.mlp.{matrix}_weight.blocks"]
+      scales = tensors[f"block.{layer}.mlp.{matrix}_weight.scales"]
+      ours_b = np.asarray(quantized[("blocks", layer, "mlp", f"{matrix}_blocks")][...])
+      ours_s = np.asarray(quantized[("blocks", layer, "mlp", f"{matrix}_scales")][...])
+      codes = np.stack([blocks & 15, blocks >> 4], -1).reshape(*scales.shape, 32)
+      canonical = ((codes & 7) >= 6).any(-1)
+      np.testing.assert_array_equal(ours_b[canonical], blocks[canonical])
+      np.testing.assert_array_equal(ours_s[canonical], scales[canonical])
+      np.testing.assert_array_equal(lut_decode(ours_b, ours_s), lut_decode(blocks, scales))
+      checked += canonical.sum()
+  assert checked > 1000
+
+
+def test_quantized_model_exports_to_transformers(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from nanogptoss_jax.pretrained.export import save_pretrained
+  from nanogptoss_jax.pretrained.layout import open_checkpoint
+  from nanogptoss_jax.pretrained.tokenizer import HarmonyTokenizer
+  quantized = nanogptoss_jax.quantize(GptOss(TINY, rngs=nnx.Rngs(1)))
+  tokenizer = HarmonyTokenizer()
+  sized = type("Sized", (), dict(vocab_size=TINY.vocab_size, stop_ids=(),
+                                 to_dict=staticmethod(tokenizer.to_dict)))()
+  save_pretrained(quantized, sized, str(tmp_path), dtype="float32")
+  assert any(name.endswith("_blocks") for name in open_checkpoint(str(tmp_path)).files)
+  theirs = transformers.GptOssForCausalLM.from_pretrained(
+      str(tmp_path), attn_implementation="eager",
+      quantization_config=transformers.Mxfp4Config(dequantize=True)).float().eval()
+  tokens = np.random.default_rng(6).integers(0, TINY.vocab_size, (2, 10))
+  with torch.no_grad():
+    want = theirs(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+  assert relative_error(logits_of(quantized, jnp.asarray(tokens)), want) <= 1e-5
+
+
+def test_quantize_refuses_what_it_cannot_do():
+  model = GptOss(TINY, rngs=nnx.Rngs(0))
+  with pytest.raises(UserError, match=r"experts='int4'.*\('mxfp4',\)"):
+    nanogptoss_jax.quantize(model, experts="int4")
+  with pytest.raises(UserError, match="GPT-OSS"):
+    nanogptoss_jax.quantize(Gpt2(Gpt2Config(num_hidden_layers=1, vocab_size=64, hidden_size=32,
+                                             num_attention_heads=2), rngs=nnx.Rngs(0)))
+  broken = nnx.clone(model)
+  weight = broken.blocks[1].mlp.mlp2_weight
+  weight.set_value(weight[...].at[0, 0, 0].set(jnp.nan))
+  with pytest.raises(UserError, match="NaN or Inf"):
+    nanogptoss_jax.quantize(broken)
+  quantized = nanogptoss_jax.quantize(model)
+  assert nanogptoss_jax.quantize(quantized) is quantized

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax import GptOssConfig, from_torch_state_dict, to_torch_state_dict
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.rope import rope_tables
-from nanogptoss_jax.training.step import token_losses
+from nanogptoss_jax.training.losses import token_losses
 from tests.reference import (build_reference, random_tokens, reference_state_dict, relative_error,
                              run_reference)
 
@@ -43,10 +44,11 @@ CONFIGS = {
 }
 
 
-def _parity_case(cfg: GptOssConfig, length: int, seed: int = 0):
+def _parity_case(cfg: GptOssConfig, length: int, execution: ExecutionConfig | None = None,
+                 seed: int = 0):
   """(our model, reference model, tokens [B, T]) sharing seeded random weights."""
   reference = build_reference(cfg, seed)
-  model = from_torch_state_dict(cfg, reference_state_dict(reference))
+  model = from_torch_state_dict(cfg, reference_state_dict(reference), execution)
   return model, reference, random_tokens(cfg, BATCH, length, seed)
 
 
@@ -78,10 +80,10 @@ def _reference_forward(reference, tokens: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 @functools.cache
-def _both_forwards(cfg: GptOssConfig, length: int):
+def _both_forwards(cfg: GptOssConfig, length: int, execution: ExecutionConfig | None = None):
   """((our logits, hidden), (reference logits, hidden)) on shared weights, once per case: the
   logits and per-block tests share one compile."""
-  model, reference, tokens = _parity_case(cfg, length)
+  model, reference, tokens = _parity_case(cfg, length, execution)
   ours = jax.tree.map(np.asarray, _forward(model, jnp.asarray(tokens)))
   return ours, _reference_forward(reference, tokens)
 
@@ -110,9 +112,10 @@ def _grads_as_state_dict(model, grads) -> dict[str, np.ndarray]:
   return to_torch_state_dict(nnx.merge(graphdef, grads))
 
 
-def _check_logits(cfg: GptOssConfig, length: int, label: str) -> None:
+def _check_logits(cfg: GptOssConfig, length: int, label: str,
+                  execution: ExecutionConfig | None = None) -> None:
   """Asserts (and prints) our logits against the reference's for one case."""
-  (ours, _), (theirs, _) = _both_forwards(cfg, length)
+  (ours, _), (theirs, _) = _both_forwards(cfg, length, execution)
   err = relative_error(ours, theirs)
   print(f"\n[logits] {label}: rel err {err:.2e}")
   assert err <= LOGITS_TOLERANCE, f"{label}: logits rel err {err:.2e}"
@@ -126,8 +129,9 @@ def test_logits_match_reference(name, length):
 
 @pytest.mark.parametrize("moe_impl", ["sorted", "ragged", "dense"])
 def test_logits_match_reference_for_each_moe_impl(moe_impl):
-  cfg = CONFIGS["gqa2-top2-yarn"].replace(moe_impl=moe_impl)
-  _check_logits(cfg, max(LENGTHS), f"gqa2-top2-yarn T={max(LENGTHS)} moe_impl={moe_impl}")
+  _check_logits(CONFIGS["gqa2-top2-yarn"], max(LENGTHS),
+                f"gqa2-top2-yarn T={max(LENGTHS)} moe_impl={moe_impl}",
+                ExecutionConfig(moe_impl=moe_impl))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -143,7 +147,8 @@ def test_each_block_matches_reference(name):
 @pytest.mark.parametrize("name,layers", [("gqa2-top2-yarn", "loop"), ("gqa2-top2-yarn", "scan"),
                                          ("gqa4-topall-yarn-clamp", "loop")])
 def test_gradients_match_reference(name, layers):
-  model, reference, tokens = _parity_case(CONFIGS[name].replace(layers_impl=layers), max(LENGTHS))
+  model, reference, tokens = _parity_case(CONFIGS[name], max(LENGTHS),
+                                          ExecutionConfig(layers_impl=layers))
   loss, grads = _loss_and_grads(model, jnp.asarray(tokens))
   ours = _grads_as_state_dict(model, grads)
   ref_loss, theirs = _reference_loss_and_grads(reference, tokens)

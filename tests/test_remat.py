@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax import GptOss, GptOssConfig
-from nanogptoss_jax.training.step import token_losses
+from nanogptoss_jax.model.execution import ExecutionConfig
+from nanogptoss_jax.training.losses import token_losses
 from tests.reference import relative_error
 
 CFG = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=97,
@@ -19,7 +20,7 @@ CFG = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, voca
 
 @functools.cache  # "none" is the reference of both cases: computed once
 def _loss_and_grads(remat):
-  model = GptOss(CFG.replace(remat=remat), rngs=nnx.Rngs(0))
+  model = GptOss(CFG, execution=ExecutionConfig(remat=remat), rngs=nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 41)))
   loss = lambda m: token_losses(m, tokens)[0].mean()
   return nnx.jit(nnx.value_and_grad(loss))(model)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.training import weights
 from nanogptoss_jax.model.registry import build_model
 from nanogptoss_jax.training.optimizer import make_optimizer
 from nanogptoss_jax.training.run_config import gpt2_twin
@@ -58,7 +59,7 @@ def test_training_lowers_validation_loss(tmp_path, cache_dir):
   assert len(val) == 6
   assert val[-1] < val[0] - 0.5, val
   assert (tmp_path / "run" / "loss.png").stat().st_size > 0
-  model, tokenizer = ckpt.load_checkpoint(tmp_path / "run")
+  model, tokenizer = weights.load_checkpoint(tmp_path / "run")
   assert tokenizer.vocab_size == cfg.model.vocab_size
   assert model.cfg.stop_tokens == tokenizer.stop_ids  # generate()'s default, in compact ids
   assert model(jnp.asarray([tokenizer.encode("Once upon a time")])).shape[-1] == tokenizer.vocab_size
@@ -122,7 +123,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, cache_dir):
   trainer.run()
   trainer.close()
   assert ckpt.RunCheckpoints(tmp_path / "run").periodic.all_steps() == [4, 8, 12]
-  ckpt.load_checkpoint(tmp_path / "run")  # every step readable again
+  weights.load_checkpoint(tmp_path / "run")  # every step readable again
 
 
 def test_fresh_run_sets_old_metrics_aside(tmp_path, cache_dir):
@@ -144,7 +145,7 @@ def test_gpt2_run_checkpoints_load_and_resume(tmp_path, cache_dir):
   trainer.run(until=2)
   trainer.close()
   train(cfg, progress=False)  # resumes from step 2
-  model, tokenizer = ckpt.load_checkpoint(tmp_path / "run")
+  model, tokenizer = weights.load_checkpoint(tmp_path / "run")
   assert type(model).__name__ == "Gpt2"
   assert sorted(step_losses(tmp_path / "run")) == [1, 2, 3, 4]
 
@@ -207,7 +208,7 @@ def test_eight_devices_match_one_device(tmp_path, cache_dir):
   env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                       "JAX_PLATFORMS": "cpu"}
   cmd = _train_command(tmp_path / "eight", cache_dir, "train.steps=6", "train.eval_every=6",
-                       "train.ckpt_every=6", "train.fsdp=2")
+                       "train.ckpt_every=6", "execution.fsdp=2")
   subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600)
   expected, sharded = step_losses(tmp_path / "one"), step_losses(tmp_path / "eight")
   assert sorted(expected) == sorted(sharded)

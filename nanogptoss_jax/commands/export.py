@@ -5,7 +5,6 @@ example: nanogptoss-export --checkpoint runs/nano --out exports/nano
 
 import argparse
 import logging
-import os
 
 from nanogptoss_jax import cli
 from nanogptoss_jax.commands.generate import RUN_OR_PRETRAINED, checkpoint_parser
@@ -22,10 +21,11 @@ def _export(argv: list[str]) -> None:
   args = parser().parse_args(argv)
   cli.setup_logging(absl_level=logging.ERROR)
   # Imported here, after `cli.run` set the process up (JAX is heavy to import).
+  from nanogptoss_jax.pretrained import hub
   from nanogptoss_jax.pretrained.export import save_pretrained
   from nanogptoss_jax.pretrained.load import load_pretrained
-  from nanogptoss_jax.training.checkpoints import load_checkpoint
-  if os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+  from nanogptoss_jax.training.weights import load_checkpoint
+  if hub.is_published(args.checkpoint):  # a directory with config.json, or a hub id
     model, tokenizer = load_pretrained(args.checkpoint, dtype="float32")
   else:
     model, tokenizer = load_checkpoint(args.checkpoint)

@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-RUN_OR_PRETRAINED = "a run directory written by train.py, or a pretrained gpt-oss directory"
+RUN_OR_PRETRAINED = ("a run directory written by train.py, a pretrained gpt-oss directory, or a "
+                     "hub id (openai/gpt-oss-20b; openai/gpt-oss-20b/original for OpenAI's layout)")
 
 
 def checkpoint_parser(prog: str, doc: str, checkpoint_help: str) -> _Parser:
@@ -44,7 +45,7 @@ def checkpoint_parser(prog: str, doc: str, checkpoint_help: str) -> _Parser:
 
 
 def parser() -> argparse.ArgumentParser:
-  parse = checkpoint_parser("nanogptoss-generate", __doc__, "a run directory written by train.py")
+  parse = checkpoint_parser("nanogptoss-generate", __doc__, RUN_OR_PRETRAINED)
   parse.add_argument("--prompt", default="Once upon a time")
   parse.add_argument("--max-new-tokens", type=_number(int, 1), default=200)
   parse.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 means greedy")
@@ -61,8 +62,13 @@ def _generate(argv: list[str]) -> None:
   cli.setup_logging(absl_level=logging.ERROR)  # orbax's notes on read-only directories
   # Imported here, after `cli.run` set the process up (JAX is heavy to import).
   from nanogptoss_jax.sampling.text import generate_text
-  from nanogptoss_jax.training.checkpoints import load_checkpoint
-  model, tokenizer = load_checkpoint(args.checkpoint)
+  from nanogptoss_jax.training.weights import load_checkpoint
+  from nanogptoss_jax.pretrained import hub
+  if hub.is_published(args.checkpoint):  # a directory with config.json, or a hub id
+    from nanogptoss_jax.pretrained.load import load_pretrained
+    model, tokenizer = load_pretrained(args.checkpoint)
+  else:
+    model, tokenizer = load_checkpoint(args.checkpoint)
   for index in range(args.num_samples):
     print(args.prompt, end="", flush=True)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, stream=True,

@@ -13,8 +13,8 @@ from flax import nnx
 
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model import layer_stack
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import GptOss, abstract_loop_model, from_loop_flat_state
-from nanogptoss_jax.model.layers import dtype_of
 
 MAX_NAMES_SHOWN = 8  # of the missing, unexpected or misshapen tensors a mismatch error lists
 # (our path, reference name, transpose last two axes)
@@ -31,8 +31,8 @@ LAYER_PARAMS = [
     ("attn.out.kernel", "attn.out.weight", True),
     ("attn.out.bias", "attn.out.bias", False),
     ("mlp.norm.scale", "mlp.norm.scale", False),
-    ("mlp.gate.kernel", "mlp.gate.weight", True),
-    ("mlp.gate.bias", "mlp.gate.bias", False),
+    ("mlp.router.kernel", "mlp.gate.weight", True),
+    ("mlp.router.bias", "mlp.gate.bias", False),
     ("mlp.mlp1_weight", "mlp.mlp1_weight", True),
     ("mlp.mlp1_bias", "mlp.mlp1_bias", False),
     ("mlp.mlp2_weight", "mlp.mlp2_weight", True),
@@ -59,9 +59,14 @@ def _swap(array: np.ndarray, swap: bool) -> np.ndarray:
   return np.swapaxes(array, -1, -2) if swap else array
 
 
-def from_torch_state_dict(config: GptOssConfig, state_dict) -> GptOss:
-  """Builds a GptOss from the reference's state_dict (torch tensors or numpy, any float dtype)."""
-  state = nnx.state(abstract_loop_model(config))
+def from_torch_state_dict(config: GptOssConfig, state_dict,
+                          execution: ExecutionConfig | None = None) -> GptOss:
+  """Builds a GptOss from the reference's state_dict (torch tensors or numpy, any float dtype).
+
+  Only the parameters the reference has are read; any other (an adapter added by the execution
+  or a caller) keeps its initial value."""
+  execution = execution or ExecutionConfig()
+  state = nnx.state(abstract_loop_model(config, execution))
   table = param_table(config.num_hidden_layers)
   flat = dict(nnx.to_flat_state(state))
   missing = sorted(name for name, _ in table.values() if name not in state_dict)
@@ -74,9 +79,12 @@ def from_torch_state_dict(config: GptOssConfig, state_dict) -> GptOss:
     raise KeyError(f"state_dict does not match the config: {len(missing)} missing "
                    f"{missing[:MAX_NAMES_SHOWN]}, {len(unexpected)} unexpected "
                    f"{unexpected[:MAX_NAMES_SHOWN]}{hint}")
-  param_dtype = dtype_of(config.param_dtype)
+  param_dtype = execution.storage_dtype
   wrong = []
   for path, variable in flat.items():
+    if path not in table:
+      raise KeyError(f"{'.'.join(map(str, path))} has no counterpart in the reference's "
+                     "state_dict; build the base model first, then add adapters to it")
     name, swap = table[path]
     value = _swap(_to_numpy(state_dict[name]), swap)
     if value.shape != variable.shape:
@@ -88,7 +96,7 @@ def from_torch_state_dict(config: GptOssConfig, state_dict) -> GptOss:
   if wrong:
     raise ValueError(f"{len(wrong)} tensors do not match the config's shapes:\n  "
                      + "\n  ".join(wrong[:MAX_NAMES_SHOWN]))
-  return from_loop_flat_state(config, flat)
+  return from_loop_flat_state(config, execution, flat)
 
 
 def to_torch_state_dict(model: GptOss) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """The unembedding's cross-entropy in token chunks (twin: `model.unembedding.plain_cross_entropy`).
 
-The fused loss (kernels/cross_entropy.py) saves the exponentials of all [N, V] logits for its
+The fused loss (kernels/cross_entropy.py) saves the exponentials of all [M, V] logits for its
 backward pass: 16 GB at 5 x 4,000 tokens and the 201,088-token vocabulary. This one saves only
 each token's log-sum-exp and recomputes its chunk's logits in the backward pass, so at most one
 [chunk, V] float32 block lives at a time (one extra unembedding matmul per chunk).
@@ -21,10 +21,11 @@ def chunk_tokens(vocab: int) -> int:
 
 
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array,
-                          chunk: int | None = None) -> jax.Array:
-  """losses [N] = logsumexp(hidden @ kernel) - (hidden @ kernel)[label], float32.
+                          weights: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
+  """losses [M] = weight * (logsumexp(hidden @ kernel) - (hidden @ kernel)[label]), float32.
 
-  hidden [N, D] and kernel [D, V] in the compute dtype; labels [N] integer ids.
+  hidden [M, D] and kernel [D, V] in the compute dtype; labels [M] integer ids; weights [M]
+  (default 1) scale each token's loss and its gradient.
   """
   tokens = hidden.shape[0]
   chunk = min(chunk or chunk_tokens(kernel.shape[1]), tokens)
@@ -35,13 +36,14 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Arra
   # Padding tokens (zero hidden state, label 0) get a zero upstream gradient: they add nothing.
   hidden_p = jnp.pad(hidden, ((0, padded - tokens), (0, 0)))
   labels_p = jnp.pad(labels.astype(jnp.int32), (0, padded - tokens))
-  return _chunked(hidden_p, kernel, labels_p, chunk)[:tokens]
+  losses = _chunked(hidden_p, kernel, labels_p, chunk)[:tokens]
+  return losses if weights is None else losses * weights
 
 
 def _chunk_logits(hidden, kernel, labels, chunk, i):
   rows = lax.dynamic_slice_in_dim(hidden, i * chunk, chunk)
   ids = lax.dynamic_slice_in_dim(labels, i * chunk, chunk)
-  return rows, ids, jnp.einsum("nd,dv->nv", rows, kernel, preferred_element_type=jnp.float32)
+  return rows, ids, jnp.einsum("md,dv->mv", rows, kernel, preferred_element_type=jnp.float32)
 
 
 def _forward_losses(hidden, kernel, labels, chunk):
@@ -74,8 +76,8 @@ def _bwd(chunk, residuals, upstream):
     softmax = jnp.exp(logits - lax.dynamic_slice_in_dim(lse, i * chunk, chunk)[:, None])
     up = lax.dynamic_slice_in_dim(upstream, i * chunk, chunk)[:, None]
     dlogits = ((softmax - (ids[:, None] == vocab[None, :])) * up).astype(hidden.dtype)
-    drows = jnp.einsum("nv,dv->nd", dlogits, kernel, preferred_element_type=jnp.float32)
-    dkernel = dkernel + jnp.einsum("dn,nv->dv", rows.T, dlogits,
+    drows = jnp.einsum("mv,dv->md", dlogits, kernel, preferred_element_type=jnp.float32)
+    dkernel = dkernel + jnp.einsum("dm,mv->dv", rows.T, dlogits,
                                    preferred_element_type=jnp.float32)
     return lax.dynamic_update_slice_in_dim(dhidden, drows, i * chunk, axis=0), dkernel
 

@@ -46,27 +46,27 @@ take_rows.defvjp(_take_rows_forward, _take_rows_backward)
 
 
 def sort_assignments(top_experts: jax.Array):
-  """Sorts the N * C token-expert assignments by expert: (order, expert, token) each [A]."""
+  """Sorts the M * C token-expert assignments by expert: (order, expert, token) each [A]."""
   flat = top_experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   return order, flat[order], order // top_experts.shape[1]
 
 
 def combine(y: jax.Array, top_weights: jax.Array) -> jax.Array:
-  """Expert outputs [N * C, D] in assignment order (token n's c-th at n * C + c) -> [N, D],
-  each token's C outputs summed with its router weights [N, C]."""
+  """Expert outputs [M * C, D] in assignment order (token n's c-th at n * C + c) -> [M, D],
+  each token's C outputs summed with its router weights [M, C]."""
   num_tokens, per_token = top_weights.shape
-  y = y.reshape(num_tokens, per_token, -1).astype(jnp.float32)  # [N, C, D]
-  return jnp.einsum("ncd,nc->nd", y, top_weights)
+  y = y.reshape(num_tokens, per_token, -1).astype(jnp.float32)  # [M, C, D]
+  return jnp.einsum("mcd,mc->md", y, top_weights)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
   """Which buffer row holds each token-expert assignment, and which expert each block uses."""
 
-  source: jax.Array  # [rows] token copied into each buffer row; N (a zero row) for padding
-  row: jax.Array  # [N, C] buffer row of token n's c-th assignment
-  assignment: jax.Array  # [rows, 1] flat assignment n * C + c in each row; N * C for padding
+  source: jax.Array  # [rows] token copied into each buffer row; M (a zero row) for padding
+  row: jax.Array  # [M, C] buffer row of token n's c-th assignment
+  assignment: jax.Array  # [rows, 1] flat assignment n * C + c in each row; M * C for padding
   block_expert: jax.Array  # [blocks]
   rows_per_block: int
   num_rows: int
@@ -115,8 +115,8 @@ def sorted_experts(t, top_experts, top_weights, weights, *, activation: Callable
                    matmul: Callable) -> jax.Array:
   """Assignments sorted by expert, padded into blocks of R rows, one batched matmul.
 
-  t [N, D]; top_experts, top_weights [N, C]; weights (w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D],
-  b2 [E, D]); activation [.., 2F] -> [.., F] -> the combined output [N, D] float32.
+  t [M, D]; top_experts, top_weights [M, C]; weights (w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D],
+  b2 [E, D]); activation [.., 2F] -> [.., F] -> the combined output [M, D] float32.
   """
   w1, b1, w2, b2 = weights
   plan = block_plan(top_experts, w1.shape[0])
@@ -126,7 +126,7 @@ def sorted_experts(t, top_experts, top_weights, weights, *, activation: Callable
   # One copy of an expert's weights per block (not per token) feeds a batched matmul.
   h = matmul(x, w1[e]) + b1[e][:, None]  # [blocks, R, 2F]
   y = matmul(activation(h), w2[e]) + b2[e][:, None]  # [blocks, R, D]
-  y = take_rows(y.reshape(plan.num_rows, -1), plan.row.reshape(-1), plan.assignment)  # [N * C, D]
+  y = take_rows(y.reshape(plan.num_rows, -1), plan.row.reshape(-1), plan.assignment)  # [M * C, D]
   return combine(y, top_weights)
 
 

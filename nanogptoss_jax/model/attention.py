@@ -14,10 +14,11 @@ from nanogptoss_jax.kernels.attention import MASKED, blocked_attention
 from nanogptoss_jax.kernels.flash_attention import flash_attention
 from nanogptoss_jax.kernels.pallas_attention import pallas_attention
 from nanogptoss_jax.kernels.splash_attention import splash_attention
-from nanogptoss_jax.model import choices
+from nanogptoss_jax.model import axes, choices
 from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, cache_write
-from nanogptoss_jax.model.layers import RMSNorm, dtype_of, linear, normal_init, residual_init
+from nanogptoss_jax.model.layers import RMSNorm, linear, normal_init, residual_init
 from nanogptoss_jax.model.rope import apply_rope
 
 
@@ -54,14 +55,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
                     preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", in_order: bool = False):
-  """`attention`, or a kernel (blocked, flash, pallas, splash) when `impl` (the config's
-  attention_impl) picks it; `auto` chooses by backend and (query, key) pairs (model/choices.py).
+def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", platform: str = "auto",
+           in_order: bool = False):
+  """`attention`, or a kernel (blocked, flash, pallas, splash) when `impl` (the execution
+  config's attention_impl) picks it; `auto` chooses by platform and (query, key) pairs
+  (model/choices.py).
 
   `in_order` promises that keys are the queries' own tokens at positions 0..T-1; the kernel then
   skips key blocks that no query of a block can see.
   """
-  impl = choices.attention_impl(impl, q.shape[1], k.shape[2], in_order)
+  impl = choices.attention_impl(impl, q.shape[1], k.shape[2], in_order, platform)
   if impl == "plain":
     return attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks)
   if impl == "pallas":
@@ -78,14 +81,14 @@ def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", in_order
 
 
 def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: int | None,
-                      sinks: jax.Array | None, impl: str = "auto", in_order: bool = False
-                      ) -> tuple[jax.Array, LayerCache | None]:
+                      sinks: jax.Array | None, impl: str = "auto", platform: str = "auto",
+                      in_order: bool = False) -> tuple[jax.Array, LayerCache | None]:
   """Attention of new tokens over themselves (no cache) or over cache + themselves.
 
   q [B, T, K, G, H]; k, v [B, T, K, H] for the new tokens. `in_order`: positions are 0..T-1.
   """
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-  options = dict(window=window, sinks=sinks, impl=impl)
+  options = dict(window=window, sinks=sinks, impl=impl, platform=platform)
   if cache is None:
     return attend(q, k, v, positions, positions, in_order=in_order, **options), None
   if window is None:
@@ -104,22 +107,26 @@ def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: i
 class Attention(nnx.Module):
   """GPT-OSS attention block: RMSNorm, fused qkv, RoPE/YaRN, sinks, GQA, output projection."""
 
-  def __init__(self, cfg: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: GptOssConfig, layer: int, *,
+               execution: ExecutionConfig | None = None, rngs: nnx.Rngs):
+    execution = execution or ExecutionConfig()
     self.num_heads = cfg.num_attention_heads
     self.kv_heads = cfg.num_key_value_heads
     self.head_dim = cfg.head_dim
     self.window = cfg.layer_window(layer)
-    self.impl = cfg.attention_impl
-    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.impl, self.platform = execution.attention_impl, execution.platform
+    dtype, param_dtype = execution.compute_dtype, execution.storage_dtype
+    self.norm = RMSNorm(cfg.hidden_size, param_dtype=execution.param_dtype, rngs=rngs)
     qkv_size = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    self.qkv = linear(cfg.hidden_size, qkv_size, matmul_impl=cfg.matmul_impl, dtype=dtype,
-                      param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
+    self.qkv = linear(cfg.hidden_size, qkv_size, logical_axes=(axes.EMBED, axes.QKV),
+                      matmul_impl=execution.matmul_impl, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=normal_init(), rngs=rngs)
     # Sinks start at 0: one extra "key" scoring like an average key, which the model can raise
     # (heads that should rest) or push towards -inf (plain softmax).
-    self.sinks = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype))
+    self.sinks = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype),
+                           **axes.names(axes.Q_HEADS))
     self.out = linear(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size,
-                      matmul_impl=cfg.matmul_impl, dtype=dtype, param_dtype=param_dtype,
+                      logical_axes=(axes.Q_HEADS, axes.EMBED), matmul_impl=execution.matmul_impl, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
@@ -136,6 +143,6 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     sinks = self.sinks[...].reshape(self.kv_heads, groups)  # [K, G]
     out, cache = attend_with_cache(q, k, v, positions, cache, window=self.window, sinks=sinks,
-                                   impl=self.impl, in_order=in_order)
+                                   impl=self.impl, platform=self.platform, in_order=in_order)
     out = out.reshape(batch, length, self.num_heads * self.head_dim)  # [B, T, N * H]
     return self.out(out), cache

@@ -1,7 +1,8 @@
-"""Which implementation each `*_impl` config field picks: the one place where the plain math of
-`model/` gives way to a fast path of `kernels/` (tests check each pair agrees).
+"""Which implementation each `*_impl` field of the execution config picks: the one place where
+the plain math of `model/` gives way to a fast path of `kernels/` (tests check each pair agrees).
 
-`auto` picks what measured fastest on CPU and GPU alike; `plain` is the readable math.
+`auto` picks what measured fastest on the platform the program is made for (`platform`: the
+execution config's, "auto" meaning the backend JAX runs on); `plain` is the readable math.
 """
 
 import jax
@@ -36,19 +37,20 @@ SORTED_WEIGHT_PASSES = 3
 FLASH_FROM_PAIRS = 1024 * 1024
 
 
-PALLAS_ON_GPU = False
+def target_platform(platform: str = "auto") -> str:
+  """"cpu", "gpu" or "tpu": `platform`, or with "auto" the backend JAX runs on."""
+  return jax.default_backend() if platform == "auto" else platform
 
 
-def attention_impl(name: str, queries: int = 0, keys: int = 0, in_order: bool = False) -> str:
+def attention_impl(name: str, queries: int = 0, keys: int = 0, in_order: bool = False,
+                   platform: str = "auto") -> str:
   if name != "auto":
     return name
   # On a TPU, JAX's splash kernel serves training (keys = the queries in order); it takes sinks.
-  if jax.default_backend() == "tpu" and in_order and queries == keys:
+  # The Pallas GPU kernel is equal to the plain attention in interpret mode but has not been
+  # timed on a GPU (benchmarks/gpu_check.sh), so GPUs keep the plain-JAX flash kernel.
+  if target_platform(platform) == "tpu" and in_order and queries == keys:
     return "splash"
-  # The Pallas kernel is proven only in interpret mode so far: `auto` keeps the plain-JAX flash
-  # kernel on GPUs until benchmarks/gpu_check.sh has compiled and timed it there.
-  if jax.default_backend() == "gpu" and PALLAS_ON_GPU:
-    return "pallas"
   return "flash" if queries * keys >= FLASH_FROM_PAIRS else "blocked"
 
 

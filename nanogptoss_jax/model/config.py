@@ -8,15 +8,9 @@ import dataclasses
 import math
 from typing import Any
 
-import jax.numpy as jnp
-
 from nanogptoss_jax import o200k
 from nanogptoss_jax.errors import UserError
-from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.flops import attention_flops
-
-# Compute dtypes a user may ask for; params are float32 unless param_dtype says otherwise.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class ConfigError(UserError, ValueError):
@@ -46,14 +40,7 @@ def _check_finite(cfg, names) -> None:
              "must be a finite number", value)
 
 
-def _check_shared(cfg) -> None:
-  """The fields both kinds have: dtypes, implementation choices, stop ids."""
-  for name in ("dtype", "param_dtype"):
-    _require(getattr(cfg, name) in DTYPES, name, f"must be one of {sorted(DTYPES)}",
-             getattr(cfg, name))
-  for name, allowed in (("attention_impl", choices.ATTENTION_IMPLS),
-                        ("matmul_impl", choices.MATMUL_IMPLS), ("loss_impl", choices.LOSS_IMPLS)):
-    _require(getattr(cfg, name) in allowed, name, f"must be one of {allowed}", getattr(cfg, name))
+def _check_stop_tokens(cfg) -> None:
   _require(isinstance(cfg.stop_tokens, tuple) and all(
       _is_int(t) and 0 <= t < cfg.vocab_size for t in cfg.stop_tokens), "stop_tokens",
            f"must be a tuple of token ids in [0, vocab_size={cfg.vocab_size})", cfg.stop_tokens)
@@ -87,20 +74,8 @@ class GptOssConfig:
   rope_scaling_factor: float = 32.0
   rope_ntk_alpha: float = 1.0
   rope_ntk_beta: float = 32.0
-  # Ours, not the reference's: storage and compute dtypes, which implementation runs each part
-  # (model/choices.py), and the ids that end a generation (set from the tokenizer on loading).
-  param_dtype: str = "float32"
-  dtype: str = "float32"
-  moe_impl: str = "auto"
-  # "mxfp4": expert matrices stay as OpenAI's 4-bit blocks + scales (model/mxfp4.py), decoded
-  # inside the MoE per selected expert; "float": ordinary trainable weights.
-  expert_format: str = "float"
-  mxfp4_impl: str = "auto"
-  attention_impl: str = "auto"
-  matmul_impl: str = "auto"
-  loss_impl: str = "auto"
-  remat: str = "none"  # choices.REMAT_POLICIES: what the backward pass recomputes
-  layers_impl: str = "auto"  # choices.LAYERS_IMPLS: blocks in a Python loop or scanned
+  # Ours, not the reference's: the ids that end a generation (set from the tokenizer on loading).
+  # How the model runs (dtypes, kernels, layouts) is the execution config's (model/execution.py).
   stop_tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
@@ -130,30 +105,11 @@ class GptOssConfig:
                f"must give YaRN ramp bounds 0 < low < high < head_dim/2 - 1 = {self.head_dim / 2 - 1}"
                " (raise initial_context_length, lower rope_ntk_beta, or set rope_scaling_factor=1)",
                (round(low, 3), round(high, 3)))
-    _require(self.moe_impl in choices.MOE_IMPLS, "moe_impl",
-             f"must be one of {choices.MOE_IMPLS}", self.moe_impl)
-    _require(self.expert_format in choices.EXPERT_FORMATS, "expert_format",
-             f"must be one of {choices.EXPERT_FORMATS}", self.expert_format)
-    _require(self.mxfp4_impl in choices.MXFP4_IMPLS, "mxfp4_impl",
-             f"must be one of {choices.MXFP4_IMPLS}", self.mxfp4_impl)
-    _require(self.remat in choices.REMAT_POLICIES, "remat",
-             f"must be one of {choices.REMAT_POLICIES}", self.remat)
-    _require(self.layers_impl in choices.LAYERS_IMPLS, "layers_impl",
-             f"must be one of {choices.LAYERS_IMPLS}", self.layers_impl)
-    if self.expert_format == "mxfp4":  # one scale per 32 input values
-      _require(self.hidden_size % 32 == 0 and self.intermediate_size % 32 == 0,
-               "hidden_size/intermediate_size", "must be multiples of 32 for MXFP4 experts",
-               (self.hidden_size, self.intermediate_size))
-    _check_shared(self)
+    _check_stop_tokens(self)
 
   @property
   def queries_per_kv_head(self) -> int:
     return self.num_attention_heads // self.num_key_value_heads
-
-  @property
-  def layer_layout(self) -> str:
-    """How the blocks are stored and run: "loop" or "scan" (model/layer_stack.py)."""
-    return choices.layers_impl(self.layers_impl, self.num_hidden_layers)
 
   def layer_window(self, layer: int) -> int | None:
     """Keys a query in `layer` may see: `sliding_window` on even layers, all (None) on odd."""
@@ -199,11 +155,6 @@ class Gpt2Config:
   max_position_embeddings: int = 1024
   dropout: float = 0.0
   layer_norm_eps: float = 1e-5
-  param_dtype: str = "float32"
-  dtype: str = "float32"
-  attention_impl: str = "auto"
-  matmul_impl: str = "auto"
-  loss_impl: str = "auto"
   stop_tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
@@ -217,7 +168,7 @@ class Gpt2Config:
     _check_finite(self, ("layer_norm_eps",))  # dropout's range check below refuses inf and NaN
     _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)", self.dropout)
     _require(self.layer_norm_eps > 0, "layer_norm_eps", "must be > 0", self.layer_norm_eps)
-    _check_shared(self)
+    _check_stop_tokens(self)
 
   @property
   def head_dim(self) -> int:
@@ -249,11 +200,6 @@ class Gpt2Config:
     return dataclasses.replace(self, **changes)
 
 
-# Named presets. GPT_OSS_20B is the released model's config.json; SEED_MEDIUM is the seed's
-# training setup (the `medium` run config).
+# Named presets: the released models' config.json.
 GPT_OSS_20B = GptOssConfig(num_hidden_layers=24, num_experts=32, experts_per_token=4)
 GPT_OSS_120B = GptOssConfig()
-SEED_MEDIUM = GptOssConfig(
-    num_hidden_layers=12, num_experts=4, experts_per_token=1, hidden_size=1024,
-    intermediate_size=1024, head_dim=64, num_attention_heads=8, num_key_value_heads=4,
-    sliding_window=128, rope_theta=150000.0, rope_scaling_factor=1.0, initial_context_length=4096)

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogptoss_jax.model.attention import attend_with_cache
+from nanogptoss_jax.model import axes
 from nanogptoss_jax.model.config import Gpt2Config
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, empty_cache
-from nanogptoss_jax.model.layers import dtype_of, linear, normal_init, residual_init
+from nanogptoss_jax.model.layers import linear, normal_init, residual_init
 from nanogptoss_jax.model.output import ModelOutput, default_positions
 from nanogptoss_jax.model.params import count_params
 from nanogptoss_jax.model.unembedding import Unembedding
@@ -18,14 +20,16 @@ POSITION_INIT_STD = 0.01  # GPT-2's own choice for the position table
 class Gpt2Attention(nnx.Module):
   """Multi-head causal self-attention with biases (GPT-2's c_attn / c_proj)."""
 
-  def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: Gpt2Config, *, execution: ExecutionConfig, rngs: nnx.Rngs):
     self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-    self.impl = cfg.attention_impl
-    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    self.c_attn = linear(cfg.hidden_size, 3 * cfg.hidden_size, matmul_impl=cfg.matmul_impl,
+    self.impl, self.platform = execution.attention_impl, execution.platform
+    dtype, param_dtype = execution.compute_dtype, execution.storage_dtype
+    self.c_attn = linear(cfg.hidden_size, 3 * cfg.hidden_size, logical_axes=(axes.EMBED, axes.QKV),
+                         matmul_impl=execution.matmul_impl,
                          dtype=dtype, param_dtype=param_dtype, kernel_init=normal_init(),
                          rngs=rngs)
-    self.c_proj = linear(cfg.hidden_size, cfg.hidden_size, matmul_impl=cfg.matmul_impl,
+    self.c_proj = linear(cfg.hidden_size, cfg.hidden_size, logical_axes=(axes.Q_HEADS, axes.EMBED),
+                         matmul_impl=execution.matmul_impl,
                          dtype=dtype, param_dtype=param_dtype,
                          kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -38,7 +42,7 @@ class Gpt2Attention(nnx.Module):
     k = k.reshape(batch, length, self.num_heads, self.head_dim)  # [B, T, N, H]
     v = v.reshape(batch, length, self.num_heads, self.head_dim)  # [B, T, N, H]
     out, cache = attend_with_cache(q, k, v, positions, cache, window=None, sinks=None,
-                                   impl=self.impl, in_order=in_order)
+                                   impl=self.impl, platform=self.platform, in_order=in_order)
     out = self.c_proj(out.reshape(batch, length, hidden))  # [B, T, D]
     return self.dropout(out), cache
 
@@ -46,11 +50,13 @@ class Gpt2Attention(nnx.Module):
 class Gpt2Mlp(nnx.Module):
   """D -> 4D -> D with GELU (GPT-2's tanh approximation)."""
 
-  def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
-    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    self.c_fc = linear(cfg.hidden_size, cfg.mlp_size, matmul_impl=cfg.matmul_impl, dtype=dtype,
-                       param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
-    self.c_proj = linear(cfg.mlp_size, cfg.hidden_size, matmul_impl=cfg.matmul_impl,
+  def __init__(self, cfg: Gpt2Config, *, execution: ExecutionConfig, rngs: nnx.Rngs):
+    dtype, param_dtype = execution.compute_dtype, execution.storage_dtype
+    self.c_fc = linear(cfg.hidden_size, cfg.mlp_size, logical_axes=(axes.EMBED, axes.MLP),
+                       matmul_impl=execution.matmul_impl,
+                       dtype=dtype, param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
+    self.c_proj = linear(cfg.mlp_size, cfg.hidden_size, logical_axes=(axes.MLP, axes.EMBED),
+                         matmul_impl=execution.matmul_impl,
                          dtype=dtype, param_dtype=param_dtype,
                          kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -62,13 +68,14 @@ class Gpt2Mlp(nnx.Module):
 class Gpt2Block(nnx.Module):
   """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-  def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
-    norm = dict(epsilon=cfg.layer_norm_eps, dtype=dtype_of(cfg.dtype),
-                param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+  def __init__(self, cfg: Gpt2Config, *, execution: ExecutionConfig, rngs: nnx.Rngs):
+    norm = dict(epsilon=cfg.layer_norm_eps, dtype=execution.compute_dtype,
+                param_dtype=execution.storage_dtype, scale_metadata=axes.names(axes.NORM),
+                bias_metadata=axes.names(axes.NORM), rngs=rngs)
     self.ln_1 = nnx.LayerNorm(cfg.hidden_size, **norm)
-    self.attn = Gpt2Attention(cfg, rngs=rngs)
+    self.attn = Gpt2Attention(cfg, execution=execution, rngs=rngs)
     self.ln_2 = nnx.LayerNorm(cfg.hidden_size, **norm)
-    self.mlp = Gpt2Mlp(cfg, rngs=rngs)
+    self.mlp = Gpt2Mlp(cfg, execution=execution, rngs=rngs)
 
   def __call__(self, x, positions, cache=None, *, in_order=False):
     attn_out, cache = self.attn(self.ln_1(x), positions, cache, in_order=in_order)
@@ -77,30 +84,37 @@ class Gpt2Block(nnx.Module):
 
 
 class Gpt2(nnx.Module):
-  """Token ids [B, T] -> logits [B, T, V]."""
+  """Token ids [B, T] -> logits [B, T, V]; `cfg` says what it computes, `execution` how."""
 
-  def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+  def __init__(self, cfg: Gpt2Config, *, execution: ExecutionConfig | None = None,
+               rngs: nnx.Rngs):
+    execution = execution or ExecutionConfig()
+    self.cfg, self.execution = cfg, execution
+    dtype, param_dtype = execution.compute_dtype, execution.storage_dtype
     self.wte = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                         embedding_init=normal_init(), rngs=rngs)
+                         embedding_init=normal_init(),
+                         embedding_metadata=axes.names(axes.VOCAB, axes.EMBED), rngs=rngs)
     self.wpe = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
                          param_dtype=param_dtype, embedding_init=normal_init(POSITION_INIT_STD),
-                         rngs=rngs)
+                         embedding_metadata=axes.names(axes.POSITIONS, axes.EMBED), rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
-    self.blocks = nnx.List([Gpt2Block(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.blocks = nnx.List([Gpt2Block(cfg, execution=execution, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
     self.ln_f = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
-    self.unembedding = Unembedding(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
-                                   param_dtype=cfg.param_dtype, loss_impl=cfg.loss_impl,
-                                   rngs=rngs)  # GPT-2's lm_head
+                              param_dtype=param_dtype, scale_metadata=axes.names(axes.NORM),
+                              bias_metadata=axes.names(axes.NORM), rngs=rngs)
+    self.unembedding = Unembedding(cfg.hidden_size, cfg.vocab_size, dtype=execution.dtype,
+                                   param_dtype=execution.param_dtype,
+                                   loss_impl=execution.loss_impl, rngs=rngs)  # GPT-2's lm_head
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.forward(tokens).logits
 
   def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-              cache: list[LayerCache] | None = None, *, unembed: bool = True) -> ModelOutput:
-    """Same contract as GptOss.forward."""
+              cache: list[LayerCache] | None = None, *, unembed: bool = True,
+              moe_groups: int = 1) -> ModelOutput:
+    """Same contract as GptOss.forward (`moe_groups` unused: GPT-2 has no experts)."""
+    del moe_groups
     in_order = positions is None  # then attention may skip key blocks that follow the queries
     if in_order:
       # Only this case is checkable here (positions are traced); the table lookup would fill
@@ -123,8 +137,8 @@ class Gpt2(nnx.Module):
 
   def init_cache(self, batch: int, max_length: int) -> list[LayerCache]:
     cfg = self.cfg
-    return [empty_cache(batch, max_length, cfg.num_attention_heads, cfg.head_dim, dtype_of(cfg.dtype))
-            for _ in range(cfg.num_hidden_layers)]
+    return [empty_cache(batch, max_length, cfg.num_attention_heads, cfg.head_dim,
+                        self.execution.compute_dtype) for _ in range(cfg.num_hidden_layers)]
 
   def param_counts(self) -> dict[str, int]:
     """{"total", "active"}: a dense model uses every parameter for every token."""

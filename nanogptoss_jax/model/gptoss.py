@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanogptoss_jax.model import choices
+from nanogptoss_jax.model import axes, choices
 from nanogptoss_jax.model.attention import Attention
 from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, empty_cache
 from nanogptoss_jax.model.layer_stack import LOOP, SCAN, ScannedBlocks, stack_flat
-from nanogptoss_jax.model.layers import RMSNorm, dtype_of, normal_init
+from nanogptoss_jax.model.layers import RMSNorm, normal_init
 from nanogptoss_jax.model.moe import MoE
 from nanogptoss_jax.model.output import ModelOutput, default_positions
 from nanogptoss_jax.model.params import count_params, param_size
@@ -24,39 +25,48 @@ EXPERT_PARAMS = ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias", "mlp1_b
 class Block(nnx.Module):
   """Pre-norm residual block: attention (sliding on even layers) then the MoE MLP."""
 
-  def __init__(self, cfg: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
-    self.attn = Attention(cfg, layer, rngs=rngs)
-    self.mlp = MoE(cfg, rngs=rngs)
+  def __init__(self, cfg: GptOssConfig, layer: int, *, execution: ExecutionConfig,
+               rngs: nnx.Rngs):
+    self.attn = Attention(cfg, layer, execution=execution, rngs=rngs)
+    self.mlp = MoE(cfg, execution=execution, rngs=rngs)
 
-  def __call__(self, x, positions, rope, cache=None, *, in_order=False):
+  def __call__(self, x, positions, rope, cache=None, *, in_order=False, moe_groups=1):
     attn_out, cache = self.attn(x, positions, rope, cache, in_order=in_order)
     x = x + attn_out
-    mlp_out, stats = self.mlp(x)
+    mlp_out, stats = self.mlp(x, groups=moe_groups)
     return x + mlp_out, cache, stats
 
 
 class GptOss(nnx.Module):
-  """Token ids [B, T] -> logits [B, T, V]."""
+  """Token ids [B, T] -> logits [B, T, V]; `cfg` says what it computes, `execution` how."""
 
-  def __init__(self, cfg: GptOssConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    self.embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                               param_dtype=param_dtype, embedding_init=normal_init(), rngs=rngs)
-    blocks = [Block(cfg, layer, rngs=rngs) for layer in range(cfg.num_hidden_layers)]
+  def __init__(self, cfg: GptOssConfig, *, execution: ExecutionConfig | None = None,
+               rngs: nnx.Rngs):
+    execution = execution or ExecutionConfig()
+    self.cfg, self.execution = cfg, execution
+    self.embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=execution.compute_dtype,
+                               param_dtype=execution.storage_dtype, embedding_init=normal_init(),
+                               embedding_metadata=axes.names(axes.VOCAB, axes.EMBED), rngs=rngs)
+    blocks = [Block(cfg, layer, execution=execution, rngs=rngs)
+              for layer in range(cfg.num_hidden_layers)]
     # Either layout starts from the same numbers: a seed gives one model, scanned or not.
-    self.blocks = ScannedBlocks(blocks) if cfg.layer_layout == SCAN else nnx.List(blocks)
-    self.norm = RMSNorm(cfg.hidden_size, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.unembedding = Unembedding(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
-                                   param_dtype=cfg.param_dtype, loss_impl=cfg.loss_impl,
-                                   rngs=rngs)
+    self.blocks = (ScannedBlocks(blocks) if layer_layout(cfg, execution) == SCAN
+                   else nnx.List(blocks))
+    self.norm = RMSNorm(cfg.hidden_size, param_dtype=execution.param_dtype, rngs=rngs)
+    self.unembedding = Unembedding(cfg.hidden_size, cfg.vocab_size, dtype=execution.dtype,
+                                   param_dtype=execution.param_dtype,
+                                   loss_impl=execution.loss_impl, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.forward(tokens).logits
 
   def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-              cache: list[LayerCache] | None = None, *, unembed: bool = True) -> ModelOutput:
-    """Logits for tokens [B, T] at `positions` [B, T] (default 0..T-1; negative = padding)."""
+              cache: list[LayerCache] | None = None, *, unembed: bool = True,
+              moe_groups: int = 1) -> ModelOutput:
+    """Logits for tokens [B, T] at `positions` [B, T] (default 0..T-1; negative = padding).
+
+    `moe_groups`: the MoE routes tokens within that many equal slices of the batch (one per
+    device the batch is split over)."""
     in_order = positions is None  # then attention may skip key blocks that follow the queries
     if in_order:
       positions = default_positions(tokens)
@@ -66,14 +76,14 @@ class GptOss(nnx.Module):
     x = self.embedding(tokens)  # [B, T, D]
     new_cache, stats = [], []
     if cache is None and isinstance(self.blocks, ScannedBlocks):
-      x, stats = self.blocks(x, lambda block, x: self._block(block, in_order)(
+      x, stats = self.blocks(x, lambda block, x: self._block(block, in_order, moe_groups)(
           x, positions, rope, None)[::2])
     else:
       # Caches differ in shape between sliding and full layers and callers index them by layer:
       # a cached forward runs layer by layer in either layout (over scanned stacks each layer is
       # a slice XLA copies, 1.5x slower to decode, so inference loaders give the loop layout).
       for layer in range(self.cfg.num_hidden_layers):
-        x, layer_cache, layer_stats = self._block(self.block(layer), in_order)(
+        x, layer_cache, layer_stats = self._block(self.block(layer), in_order, moe_groups)(
             x, positions, rope, None if cache is None else cache[layer])
         new_cache.append(layer_cache)
         stats.append(layer_stats)
@@ -83,13 +93,14 @@ class GptOss(nnx.Module):
     return ModelOutput(logits=logits, hidden=hidden, cache=None if cache is None else new_cache,
                        aux=aux)
 
-  def _block(self, block, in_order: bool):
-    """`block`, or under `cfg.remat` a version whose backward pass recomputes it (training)."""
-    if self.cfg.remat == "none":
-      return lambda *args: block(*args, in_order=in_order)
+  def _block(self, block, in_order: bool, moe_groups: int):
+    """`block`, or under the execution's `remat` a version whose backward pass recomputes it."""
+    options = dict(in_order=in_order, moe_groups=moe_groups)
+    if self.execution.remat == "none":
+      return lambda *args: block(*args, **options)
     policy = (jax.checkpoint_policies.save_only_these_names(choices.MATMUL_OUTPUT)
-              if self.cfg.remat == "matmuls" else None)
-    remat = nnx.remat(lambda block, *args: block(*args, in_order=in_order), policy=policy)
+              if self.execution.remat == "matmuls" else None)
+    remat = nnx.remat(lambda block, *args: block(*args, **options), policy=policy)
     return lambda *args: remat(block, *args)
 
   def block(self, layer: int) -> Block:
@@ -103,8 +114,8 @@ class GptOss(nnx.Module):
     cfg = self.cfg
     slots = [min(cfg.layer_window(layer) or max_length, max_length)
              for layer in range(cfg.num_hidden_layers)]
-    return [empty_cache(batch, s, cfg.num_key_value_heads, cfg.head_dim, dtype_of(cfg.dtype))
-            for s in slots]
+    return [empty_cache(batch, s, cfg.num_key_value_heads, cfg.head_dim,
+                        self.execution.compute_dtype) for s in slots]
 
   def param_counts(self) -> dict[str, int]:
     """{"total": all parameters, "active": those one token's forward pass uses}.
@@ -121,14 +132,22 @@ class GptOss(nnx.Module):
     return {"total": total, "active": total - experts * unused // self.cfg.num_experts}
 
 
-def abstract_loop_model(cfg: GptOssConfig) -> GptOss:
-  """cfg's model with one Block per layer, shapes only: what loaders fill tensor by tensor."""
-  return nnx.eval_shape(lambda: GptOss(cfg.replace(layers_impl=LOOP), rngs=nnx.Rngs(0)))
+def layer_layout(cfg: GptOssConfig, execution: ExecutionConfig) -> str:
+  """How the blocks are stored and run: LOOP or SCAN (model/layer_stack.py)."""
+  return choices.layers_impl(execution.layers_impl, cfg.num_hidden_layers)
 
 
-def from_loop_flat_state(cfg: GptOssConfig, flat: dict) -> GptOss:
-  """cfg's model (in its own layer layout) from a filled flat state of `abstract_loop_model`."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0))))
-  if cfg.layer_layout == SCAN:
+def abstract_loop_model(cfg: GptOssConfig, execution: ExecutionConfig) -> GptOss:
+  """The model with one Block per layer, shapes only: what loaders fill tensor by tensor."""
+  loop = execution.replace(layers_impl=LOOP)
+  return nnx.eval_shape(lambda: GptOss(cfg, execution=loop, rngs=nnx.Rngs(0)))
+
+
+def from_loop_flat_state(cfg: GptOssConfig, execution: ExecutionConfig, flat: dict) -> GptOss:
+  """The model (in the execution's layer layout) from a filled flat state of
+  `abstract_loop_model`."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: GptOss(cfg, execution=execution,
+                                                        rngs=nnx.Rngs(0))))
+  if layer_layout(cfg, execution) == SCAN:
     flat = stack_flat(flat, cfg.num_hidden_layers)
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nanogptoss_jax.model import axes
+
 LOOP, SCAN = "loop", "scan"
 BLOCKS, PAIRS, LAST, SLIDING, FULL = "blocks", "pairs", "last", "sliding", "full"
 
@@ -72,13 +74,21 @@ class ScannedBlocks(nnx.Module):
     return pair.full if layer % 2 else pair.sliding
 
 
+def _relabel(tree, stacked: bool):
+  """`tree` with the logical names of its Variables gaining (or losing) the LAYERS axis."""
+  for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    if isinstance(leaf, nnx.Variable):
+      (axes.stacked if stacked else axes.unstacked)(leaf)
+  return tree
+
+
 def _stack(trees: list):
   """Leaves stacked along a new leading axis; works on abstract leaves (ShapeDtypeStruct)."""
   def stack(*leaves):
     if isinstance(leaves[0], jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype)
     return jnp.stack(leaves)
-  return jax.tree.map(stack, *trees)
+  return _relabel(jax.tree.map(stack, *trees), stacked=True)
 
 
 def _unstack(tree, count: int) -> list:
@@ -86,7 +96,8 @@ def _unstack(tree, count: int) -> list:
     if isinstance(leaf, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
     return leaf[i]
-  return [jax.tree.map(lambda leaf: take(leaf, i), tree) for i in range(count)]
+  return [_relabel(jax.tree.map(lambda leaf: take(leaf, i), tree), stacked=False)
+          for i in range(count)]
 
 
 def stack_flat(flat: dict, num_layers: int) -> dict:

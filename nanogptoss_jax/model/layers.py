@@ -8,8 +8,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from nanogptoss_jax.kernels import matmul as kernel_matmul
-from nanogptoss_jax.model import choices
-from nanogptoss_jax.model.config import DTYPES
+from nanogptoss_jax.model import axes, choices
+from nanogptoss_jax.model.execution import DTYPES
 
 # Initialisation (both models): weights ~ N(0, 0.02) as in GPT-2; projections that write into
 # the residual stream are scaled by 1/sqrt(2 * layers) so the stream's variance does not grow
@@ -36,7 +36,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, num_features: int, *, param_dtype: str = "float32", rngs: nnx.Rngs):
     del rngs  # deterministic init; kept for the uniform (cfg, *, rngs) signature
-    self.scale = nnx.Param(jnp.ones((num_features,), dtype_of(param_dtype)))
+    self.scale = nnx.Param(jnp.ones((num_features,), dtype_of(param_dtype)), **axes.names(axes.NORM))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     t = x.astype(jnp.float32)
@@ -50,9 +50,10 @@ def matmul_for(impl: str):
   return {"plain": jnp.matmul, "transposed_grad": kernel_matmul.matmul}[choices.matmul_impl(impl)]
 
 
-def linear(in_features: int, out_features: int, *, matmul_impl: str = "auto",
-           **kwargs) -> nnx.Linear:
-  """`nnx.Linear` whose product runs through the matmul `matmul_impl` picks (same parameters)."""
+def linear(in_features: int, out_features: int, *, logical_axes: tuple[str, str],
+           matmul_impl: str = "auto", **kwargs) -> nnx.Linear:
+  """`nnx.Linear` whose product runs through the matmul `matmul_impl` picks (same parameters);
+  `logical_axes` names the kernel's (in, out) axes (model/axes.py)."""
   dot_general = (kernel_matmul.linear_dot_general
                  if choices.matmul_impl(matmul_impl) == "transposed_grad" else jax.lax.dot_general)
 
@@ -61,4 +62,6 @@ def linear(in_features: int, out_features: int, *, matmul_impl: str = "auto",
     # product inside the custom-VJP matmul.
     return checkpoint_name(dot_general(*args, **options), choices.MATMUL_OUTPUT)
 
-  return nnx.Linear(in_features, out_features, dot_general=named_dot_general, **kwargs)
+  return nnx.Linear(in_features, out_features, dot_general=named_dot_general,
+                    kernel_metadata=axes.names(*logical_axes),
+                    bias_metadata=axes.names(logical_axes[1]), **kwargs)

@@ -13,17 +13,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogptoss_jax.kernels import moe_dispatch
-from nanogptoss_jax.model import choices, mxfp4
-from nanogptoss_jax.model.config import GptOssConfig
-from nanogptoss_jax.model.layers import (RMSNorm, dtype_of, linear, matmul_for, normal_init,
-                                         residual_init)
+from nanogptoss_jax.model import axes, choices, mxfp4
+from nanogptoss_jax.model.config import ConfigError, GptOssConfig
+from nanogptoss_jax.model.execution import ExecutionConfig
+from nanogptoss_jax.model.layers import RMSNorm, linear, matmul_for, normal_init, residual_init
 
 SWIGLU_ALPHA = 1.702
 
 
 def swiglu(h: jax.Array, limit: float) -> jax.Array:
   """The reference's clamped SwiGLU on interleaved channels [..., 2F] -> [..., F]."""
-  gate, linear_part = h[..., ::2], h[..., 1::2]
+  gate, linear_part = h[..., ::2], h[..., 1::2]  # the SwiGLU's gate (not the MoE's router)
   # Clamping keeps rare huge activations from blowing up (gate only from above, since
   # gate * sigmoid(gate) is already ~0 for very negative gates).
   gate = jnp.minimum(gate, limit)
@@ -42,74 +42,79 @@ def route(logits: jax.Array, experts_per_token: int) -> tuple[jax.Array, jax.Arr
 
 
 def dense_experts(t, top_experts, top_weights, weights, *, activation, matmul) -> jax.Array:
-  """Every expert on every token t [N, D], combined with zero weight off the top-k -> [N, D]."""
+  """Every expert on every token t [M, D], combined with zero weight off the top-k -> [M, D]."""
   w1, b1, w2, b2 = weights
   num_experts = w1.shape[0]
   # Experts as a batch axis of both operands: each expert's [D, 2F] slice feeds a plain
   # matmul where it lies (contracting x with [E, D, 2F] directly transposes a weight copy).
-  t = jnp.broadcast_to(t, (num_experts, *t.shape))  # [E, N, D]
-  h = matmul(t, w1) + b1[:, None]  # [E, N, 2F]
-  y = matmul(activation(h), w2) + b2[:, None]  # [E, N, D]
+  t = jnp.broadcast_to(t, (num_experts, *t.shape))  # [E, M, D]
+  h = matmul(t, w1) + b1[:, None]  # [E, M, 2F]
+  y = matmul(activation(h), w2) + b2[:, None]  # [E, M, D]
   rows = jnp.arange(t.shape[1])[:, None]
   combine = jnp.zeros((t.shape[1], num_experts), jnp.float32)
-  combine = combine.at[rows, top_experts].set(top_weights)  # [N, E]
-  return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
+  combine = combine.at[rows, top_experts].set(top_weights)  # [M, E]
+  return jnp.einsum("emd,me->md", y.astype(jnp.float32), combine)
 
 
 EXPERT_FUNCTIONS = {"dense": dense_experts, "sorted": moe_dispatch.sorted_experts,
                     "ragged": moe_dispatch.ragged_experts}
 
 
-def dispatch_groups() -> int:
-  """Tokens reach experts within one group per device of the mesh being traced under (1 with
-  none): with the batch split over devices, each sorts and multiplies its own tokens."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else mesh.size
-
-
 class MoE(nnx.Module):
   """GPT-OSS MLP block: RMSNorm, router with bias, top-k softmax, SwiGLU experts with biases."""
 
-  def __init__(self, cfg: GptOssConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+  def __init__(self, cfg: GptOssConfig, *, execution: ExecutionConfig | None = None,
+               rngs: nnx.Rngs):
+    execution = execution or ExecutionConfig()
+    self.cfg, self.execution = cfg, execution
+    param_dtype = execution.storage_dtype
     experts, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-    self.norm = RMSNorm(hidden, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.norm = RMSNorm(hidden, param_dtype=execution.param_dtype, rngs=rngs)
     # The router runs in float32 whatever the compute dtype: top-k on bf16 logits ties often.
-    self.gate = linear(hidden, experts, matmul_impl=cfg.matmul_impl, dtype=jnp.float32,
-                       param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
+    self.router = linear(hidden, experts, logical_axes=(axes.EMBED, axes.ROUTER),
+                         matmul_impl=execution.matmul_impl, dtype=jnp.float32,
+                         param_dtype=param_dtype, kernel_init=normal_init(), rngs=rngs)
     # Layouts are [E, in, out] (the reference stores [E, out, in]); mlp1's 2F output channels
-    # interleave gate and linear units, as in the reference.
-    if cfg.expert_format == "mxfp4":  # loaded from a checkpoint; [E, out, in/32, 16] + scales
-      self.mlp1_blocks, self.mlp1_scales = mxfp4_params(experts, 2 * inter, hidden)
-      self.mlp2_blocks, self.mlp2_scales = mxfp4_params(experts, hidden, inter)
+    # interleave the SwiGLU's gate and linear units, as in the reference.
+    if execution.expert_format == "mxfp4":  # loaded from a checkpoint; [E, out, in/32, 16] + scales
+      if hidden % mxfp4.VALUES_PER_BLOCK or inter % mxfp4.VALUES_PER_BLOCK:
+        raise ConfigError(f"MXFP4 experts need hidden_size and intermediate_size divisible by "
+                          f"{mxfp4.VALUES_PER_BLOCK} (got {hidden}, {inter})")
+      self.mlp1_blocks, self.mlp1_scales = mxfp4_params(experts, 2 * inter, hidden,
+                                                        (axes.EXPERT_MLP, axes.EMBED))
+      self.mlp2_blocks, self.mlp2_scales = mxfp4_params(experts, hidden, inter,
+                                                        (axes.EMBED, axes.EXPERT_MLP))
     else:
-      self.mlp1_weight = nnx.Param(normal_init()(rngs.params(), (experts, hidden, 2 * inter),
-                                                 param_dtype))
+      self.mlp1_weight = nnx.Param(
+          normal_init()(rngs.params(), (experts, hidden, 2 * inter), param_dtype),
+          **axes.names(axes.EXPERTS, axes.EMBED, axes.EXPERT_MLP))
       self.mlp2_weight = nnx.Param(residual_init(cfg.num_hidden_layers)(
-          rngs.params(), (experts, inter, hidden), param_dtype))
-    self.mlp1_bias = nnx.Param(jnp.zeros((experts, 2 * inter), param_dtype))
-    self.mlp2_bias = nnx.Param(jnp.zeros((experts, hidden), param_dtype))
-    self.dtype = dtype
+          rngs.params(), (experts, inter, hidden), param_dtype),
+          **axes.names(axes.EXPERTS, axes.EXPERT_MLP, axes.EMBED))
+    self.mlp1_bias = nnx.Param(jnp.zeros((experts, 2 * inter), param_dtype),
+                               **axes.names(axes.EXPERTS, axes.EXPERT_MLP))
+    self.mlp2_bias = nnx.Param(jnp.zeros((experts, hidden), param_dtype),
+                               **axes.names(axes.EXPERTS, axes.EMBED))
+    self.dtype = execution.compute_dtype
 
-  def __call__(self, x: jax.Array, *, groups: int | None = None, impl: str | None = None
+  def __call__(self, x: jax.Array, *, groups: int = 1, impl: str | None = None
                ) -> tuple[jax.Array, dict]:
     """x [B, T, D] -> (MLP output [B, T, D], router statistics for the auxiliary losses).
 
-    Tokens reach experts within `groups` equal slices of the batch (default: dispatch_groups).
+    Tokens reach experts within `groups` equal slices of the batch: with the batch split over
+    P devices, P groups let each device sort and multiply its own tokens.
     """
     batch, length, hidden = x.shape
-    groups = groups or dispatch_groups()
     if batch % groups:
       raise ValueError(f"MoE groups={groups} must divide the batch size {batch}")
-    t = self.norm(x).reshape(groups, batch * length // groups, hidden)  # [groups, N / groups, D]
-    logits = self.gate(t.astype(jnp.float32))  # [groups, N / groups, E]
-    top_experts, top_weights = route(logits, self.cfg.experts_per_token)  # [groups, N / groups, C]
-    impl = choices.moe_impl(impl or self.cfg.moe_impl, t.shape[1], self.cfg.num_experts,
+    t = self.norm(x).reshape(groups, batch * length // groups, hidden)  # [P, M, D]
+    logits = self.router(t.astype(jnp.float32))  # [P, M, E]
+    top_experts, top_weights = route(logits, self.cfg.experts_per_token)  # [P, M, C]
+    impl = choices.moe_impl(impl or self.execution.moe_impl, t.shape[1], self.cfg.num_experts,
                             self.cfg.experts_per_token)
     options = dict(activation=functools.partial(swiglu, limit=self.cfg.swiglu_limit))
     if impl != "ragged":
-      options["matmul"] = matmul_for(self.cfg.matmul_impl)
+      options["matmul"] = matmul_for(self.execution.matmul_impl)
     expert_fn = functools.partial(EXPERT_FUNCTIONS[impl], **options)
     weights = self.expert_weights(impl, t.shape[1])
     weight_axis = None
@@ -118,11 +123,10 @@ class MoE(nnx.Module):
       weights = tuple(jnp.broadcast_to(w, (groups, *w.shape)) for w in weights)
       weight_axis = 0
     out = jax.vmap(expert_fn, in_axes=(0, 0, 0, weight_axis))(
-        t.astype(self.dtype), top_experts, top_weights, weights)  # [groups, N / groups, D]
+        t.astype(self.dtype), top_experts, top_weights, weights)  # [P, M, D]
     num_experts, per_token = logits.shape[-1], top_experts.shape[-1]
     stats = router_stats(logits.reshape(-1, num_experts), top_experts.reshape(-1, per_token))
     return out.reshape(batch, length, hidden).astype(x.dtype), stats
-
 
   def expert_weights(self, impl: str, tokens: int) -> tuple:
     """(w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D]) in the compute dtype.
@@ -131,10 +135,10 @@ class MoE(nnx.Module):
     blocks select, so a decode step decodes only those; elsewhere every expert is decoded once.
     """
     b1, b2 = self.mlp1_bias[...].astype(self.dtype), self.mlp2_bias[...].astype(self.dtype)
-    if self.cfg.expert_format != "mxfp4":
+    if self.execution.expert_format != "mxfp4":
       return (self.mlp1_weight[...].astype(self.dtype), b1,
               self.mlp2_weight[...].astype(self.dtype), b2)
-    decode = choices.mxfp4_decode(self.cfg.mxfp4_impl)
+    decode = choices.mxfp4_decode(self.execution.mxfp4_impl)
     w1, w2 = (mxfp4.Mxfp4Experts(blocks[...], scales[...], decode, self.dtype) for blocks, scales
               in ((self.mlp1_blocks, self.mlp1_scales), (self.mlp2_blocks, self.mlp2_scales)))
     if impl != "sorted" or not choices.decode_selected(tokens, self.cfg.num_experts,
@@ -143,18 +147,21 @@ class MoE(nnx.Module):
     return w1, b1, w2, b2
 
 
-def mxfp4_params(experts: int, out_features: int, in_features: int) -> tuple[nnx.Param, nnx.Param]:
-  """Zeroed MXFP4 storage for [E, out, in] (a loader fills it): blocks and biased exponents."""
+def mxfp4_params(experts: int, out_features: int, in_features: int,
+                 logical_axes: tuple[str, str]) -> tuple[nnx.Param, nnx.Param]:
+  """Zeroed MXFP4 storage for [E, out, in] (a loader fills it): blocks and biased exponents;
+  `logical_axes` names (out, in), the input axis counted in blocks of 32."""
   groups = in_features // mxfp4.VALUES_PER_BLOCK
   blocks = jnp.zeros((experts, out_features, groups, mxfp4.BYTES_PER_BLOCK), jnp.uint8)
-  return nnx.Param(blocks), nnx.Param(jnp.full((experts, out_features, groups),
-                                               mxfp4.SCALE_BIAS, jnp.uint8))
+  scales = jnp.full((experts, out_features, groups), mxfp4.SCALE_BIAS, jnp.uint8)
+  return (nnx.Param(blocks, **axes.names(axes.EXPERTS, *logical_axes, axes.PACKED)),
+          nnx.Param(scales, **axes.names(axes.EXPERTS, *logical_axes)))
 
 
 def router_stats(logits: jax.Array, top_experts: jax.Array) -> dict:
   """Per-layer load-balancing (Switch) and z-loss (ST-MoE) terms, and each expert's load."""
   num_experts = logits.shape[-1]
-  probs = jax.nn.softmax(logits, axis=-1)  # [N, E]
+  probs = jax.nn.softmax(logits, axis=-1)  # [M, E]
   load = jnp.bincount(top_experts.reshape(-1), length=num_experts) / top_experts.size  # [E]
   return {
       # E * sum_e (fraction of assignments to e) * (mean router probability of e); 1 when even.

@@ -3,6 +3,7 @@
 from flax import nnx
 
 from nanogptoss_jax.model.config import Gpt2Config, GptOssConfig
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gpt2 import Gpt2
 from nanogptoss_jax.model.gptoss import GptOss
 
@@ -22,10 +23,11 @@ def config_class(kind: str) -> type:
   return MODELS[kind][0]
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> GptOss | Gpt2:
-  return MODELS[kind_of(cfg)][1](cfg, rngs=nnx.Rngs(seed))
+def build_model(cfg: ModelConfig, seed: int = 0,
+                execution: ExecutionConfig | None = None) -> GptOss | Gpt2:
+  return MODELS[kind_of(cfg)][1](cfg, execution=execution, rngs=nnx.Rngs(seed))
 
 
-def abstract_model(cfg: ModelConfig) -> GptOss | Gpt2:
+def abstract_model(cfg: ModelConfig, execution: ExecutionConfig | None = None) -> GptOss | Gpt2:
   """The model's structure with ShapeDtypeStructs for leaves: nothing is allocated."""
-  return nnx.eval_shape(lambda: build_model(cfg))
+  return nnx.eval_shape(lambda: build_model(cfg, execution=execution))

@@ -10,15 +10,18 @@ from flax import nnx
 
 from nanogptoss_jax.kernels.chunked_cross_entropy import chunked_cross_entropy
 from nanogptoss_jax.kernels.cross_entropy import unembed_cross_entropy
-from nanogptoss_jax.model import choices
+from nanogptoss_jax.model import axes, choices
 from nanogptoss_jax.model.layers import dtype_of, normal_init
 
 
-def plain_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array) -> jax.Array:
-  """losses [N] = logsumexp(logits) - logits[label] with logits = hidden [N, D] @ kernel [D, V]."""
-  logits = jnp.einsum("nd,dv->nv", hidden, kernel, preferred_element_type=jnp.float32)
+def plain_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array,
+                        weights: jax.Array | None = None) -> jax.Array:
+  """losses [M] = weight * (logsumexp(logits) - logits[label]) with logits = hidden [M, D] @
+  kernel [D, V]; weights [M] default to one."""
+  logits = jnp.einsum("md,dv->mv", hidden, kernel, preferred_element_type=jnp.float32)
   label_logits = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-  return jax.nn.logsumexp(logits, axis=-1) - label_logits
+  losses = jax.nn.logsumexp(logits, axis=-1) - label_logits
+  return losses if weights is None else losses * weights
 
 
 CROSS_ENTROPY = {"plain": plain_cross_entropy, "fused": unembed_cross_entropy,
@@ -33,7 +36,8 @@ class Unembedding(nnx.Module):
     self.dtype = dtype_of(dtype)
     self.loss_impl = loss_impl
     self.kernel = nnx.Param(normal_init()(rngs.params(), (hidden_size, vocab_size),
-                                          dtype_of(param_dtype)))
+                                          dtype_of(param_dtype)),
+                            **axes.names(axes.EMBED, axes.VOCAB))
 
   def compute_kernel(self) -> jax.Array:
     """The kernel in the compute dtype (a differentiable cast)."""
@@ -43,10 +47,12 @@ class Unembedding(nnx.Module):
     return jnp.einsum("...d,dv->...v", x.astype(self.dtype), self.compute_kernel(),
                       preferred_element_type=jnp.float32)
 
-  def cross_entropy(self, x: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-token loss [...] of hidden states x [..., D] against integer labels [...]."""
+  def cross_entropy(self, x: jax.Array, labels: jax.Array,
+                    weights: jax.Array | None = None) -> jax.Array:
+    """Per-token loss [...] of hidden states x [..., D] against integer labels [...], each
+    scaled by its weight [...] (default one)."""
     tokens, vocab = labels.size, self.kernel.shape[1]
     loss_fn = CROSS_ENTROPY[choices.loss_impl(self.loss_impl, tokens, vocab)]
     flat = loss_fn(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.compute_kernel(),
-                   labels.reshape(-1))
+                   labels.reshape(-1), None if weights is None else weights.reshape(-1))
     return flat.reshape(labels.shape)

@@ -79,7 +79,7 @@ def save_pretrained(model, tokenizer, out_dir: str, *, dtype: str = "bfloat16",
                     f"{tokenizer.vocab_size}")
   os.makedirs(out_dir, exist_ok=True)
   stop_ids = list(tokenizer.stop_ids)
-  config = config_map.to_hugging_face(cfg, stop_ids=stop_ids, mxfp4=cfg.expert_format == "mxfp4")
+  config = config_map.to_hugging_face(cfg, stop_ids=stop_ids, mxfp4=model.execution.expert_format == "mxfp4")
   config["torch_dtype"] = dtype
   _write_json(os.path.join(out_dir, "config.json"), config)
   _write_json(os.path.join(out_dir, "generation_config.json"),

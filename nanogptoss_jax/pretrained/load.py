@@ -12,21 +12,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from nanogptoss_jax.errors import UserError
-from nanogptoss_jax.model import mxfp4
+from nanogptoss_jax.model import axes, mxfp4
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import abstract_loop_model, from_loop_flat_state
-from nanogptoss_jax.pretrained import config_map, names
+from nanogptoss_jax.parallel.mesh import make_mesh
+from nanogptoss_jax.parallel.rules import param_spec
+from nanogptoss_jax.pretrained import config_map, hub, names
 from nanogptoss_jax.pretrained.layout import ORIGINAL, Checkpoint, open_checkpoint
 from nanogptoss_jax.pretrained.safetensors_io import CheckpointError
 from nanogptoss_jax.pretrained.tokenizer import tokenizer_for
 
 MXFP4_MODES = ("keep", "dequantize")
-SHARD_AXIS = "fsdp"
 GB = 1e9
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines on stderr
-SHARD_MIN_ELEMENTS = 1 << 16  # smaller tensors are replicated: splitting them saves little
 
 
 def default_dtype() -> str:
@@ -34,26 +35,21 @@ def default_dtype() -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def default_mesh():
-  """All local devices on one `fsdp` axis, or None for a single device."""
+def default_mesh(execution: ExecutionConfig):
+  """The execution config's mesh over the local devices (every device on fsdp when it asks
+  for no split: a published model is large), or None for a single device."""
   devices = jax.local_devices()
   if len(devices) == 1:
     return None
-  return jax.make_mesh((len(devices),), (SHARD_AXIS,), axis_types=(AxisType.Auto,))
+  fsdp = execution.fsdp if execution.fsdp > 1 else len(devices)
+  return make_mesh(execution.replace(fsdp=fsdp), devices)
 
 
-def sharding_for(mesh, shape: tuple[int, ...]):
-  """Large tensors split over `fsdp` along their first divisible axis; small ones replicated."""
+def _sharding(mesh, logical: tuple, shape: tuple[int, ...]):
+  """The parallel rules' placement of a tensor of `shape` whose axes mean `logical`."""
   if mesh is None:
     return None
-  size = mesh.shape.get(SHARD_AXIS, 1)
-  spec = [None] * len(shape)
-  if size > 1 and np.prod(shape) >= SHARD_MIN_ELEMENTS:
-    for axis, length in enumerate(shape):
-      if length % size == 0:
-        spec[axis] = SHARD_AXIS
-        break
-  return NamedSharding(mesh, PartitionSpec(*spec))
+  return NamedSharding(mesh, param_spec(logical, shape, dict(mesh.shape)))
 
 
 class _Progress:
@@ -104,37 +100,45 @@ def read_config(ckpt: Checkpoint) -> dict:
 
 
 def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep", mesh=None,
-                    layers_impl: str = "loop"):
+                    layers_impl: str = "loop", execution: ExecutionConfig | None = None):
   """(GptOss, tokenizer) from a directory in OpenAI's original or Hugging Face's layout.
 
   mxfp4="keep": MXFP4 expert weights stay 4-bit in memory, decoded in the MoE per selected
   expert; "dequantize": float weights in `dtype` (trainable). dtype None: float32 on the CPU,
-  bfloat16 elsewhere. mesh None: every local device on an `fsdp` axis. layers_impl: "loop" for
-  sampling (a cached decode step over scanned stacks measured 1.5x slower), "scan" or "auto" to
-  fine-tune a deep model (compile time flat in depth; model/layer_stack.py).
+  bfloat16 elsewhere. layers_impl: "loop" for sampling (a cached decode step over scanned stacks
+  measured 1.5x slower), "scan" or "auto" to fine-tune a deep model. `execution`, when given,
+  says all of that at once (its expert_format "float" dequantizes). mesh None: the execution
+  config's mesh over every local device; weights are placed by the parallel rules, as the
+  trainer places them.
   """
   if mxfp4 not in MXFP4_MODES:
     raise UserError(f"mxfp4={mxfp4!r} must be one of {MXFP4_MODES}")
+  path = hub.resolve(path)  # a hub id (owner/name[/folder][@revision]): its fetched files
   start = time.perf_counter()
   ckpt = open_checkpoint(path)
-  dtype = dtype or default_dtype()
   tokenizer = tokenizer_for(path)
   quantized = ckpt.has(names.mxfp4_names(ckpt.layout, 0, "mlp1")[0])
+  if execution is None:
+    dtype = dtype or default_dtype()
+    execution = ExecutionConfig(dtype=dtype, param_dtype=dtype, layers_impl=layers_impl,
+                                expert_format="mxfp4" if mxfp4 == "keep" else "float")
+  if not quantized:  # float experts in the file: nothing to keep 4-bit
+    execution = execution.replace(expert_format="float")
+  dtype = execution.param_dtype
   fields = read_config(ckpt)
   vocab = fields.get("vocab_size", tokenizer.vocab_size)
   if vocab != tokenizer.vocab_size:  # a test-sized model: its ids are a prefix of the tokenizer's
     print(f"note: vocab_size={vocab} differs from the tokenizer's {tokenizer.vocab_size}",
           file=sys.stderr)
   try:
-    cfg = config_map.to_config(
-        fields, dtype=dtype, param_dtype=dtype,
-        stop_tokens=tuple(t for t in tokenizer.stop_ids if t < vocab),
-        expert_format="mxfp4" if quantized and mxfp4 == "keep" else "float",
-        layers_impl=layers_impl)
+    cfg = config_map.to_config(fields, stop_tokens=tuple(t for t in tokenizer.stop_ids
+                                                         if t < vocab))
   except UserError as e:
     raise CheckpointError(f"{path}/config.json: {e}") from None
-  mesh = default_mesh() if mesh is None else mesh
-  flat = dict(nnx.to_flat_state(nnx.state(abstract_loop_model(cfg))))
+  mesh = default_mesh(execution) if mesh is None else mesh
+  abstract = abstract_loop_model(cfg, execution)
+  logical = axes.axes_by_path(abstract)
+  flat = dict(nnx.to_flat_state(nnx.state(abstract)))
   table = names.float_table(ckpt.layout, cfg.num_hidden_layers)
   used, nbytes = set(), 0
   progress = _Progress(len(flat), sum(int(np.prod(v.shape)) * jnp.dtype(
@@ -147,13 +151,15 @@ def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep",
       raise CheckpointError(f"tensor {' + '.join(sources)} has shape {shape} in our layout;"
                             f" the config needs {variable.shape}")
     used.update(sources)
-    sharding = sharding_for(mesh, value.shape)
-    array = jax.device_put(value, sharding)
+    names_ = logical[tuple(path_)]
+    # Placed as read (before the swap into our layout), so the host never holds a copy.
+    file_names = names_[:-2] + names_[:-3:-1] if swap else names_
+    array = jax.device_put(value, _sharding(mesh, file_names, value.shape))
     del value  # a memory-mapped view or a decoded copy; the device holds the tensor now
     if swap or array.dtype != target:
       array = _to_layout(array, target, swap)
       if mesh is not None:  # after a swap the axis to split may be another; a no-op if not
-        array = jax.device_put(array, sharding_for(mesh, array.shape))
+        array = jax.device_put(array, _sharding(mesh, names_, array.shape))
     nbytes += array.nbytes
     variable.set_value(array)
     progress.update(done, nbytes)
@@ -162,9 +168,10 @@ def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep",
     raise CheckpointError(f"{path} holds {len(unexpected)} tensors the config has no place for,"
                           f" e.g. {unexpected[0]} (is num_hidden_layers right?)")
   seconds = time.perf_counter() - start
-  print(f"loaded {len(flat)} tensors, {nbytes / GB:.2f} GB ({ckpt.layout}, mxfp4={mxfp4}) in "
-        f"{seconds:.1f} s, {nbytes / GB / max(seconds, 1e-9):.2f} GB/s", file=sys.stderr)
-  return from_loop_flat_state(cfg, flat), tokenizer
+  print(f"loaded {len(flat)} tensors, {nbytes / GB:.2f} GB ({ckpt.layout}, "
+        f"experts {execution.expert_format}) in {seconds:.1f} s, "
+        f"{nbytes / GB / max(seconds, 1e-9):.2f} GB/s", file=sys.stderr)
+  return from_loop_flat_state(cfg, execution, flat), tokenizer
 
 
 def model_bytes(model) -> int:

@@ -24,8 +24,8 @@ HF_LAYER = {  # our path inside block i -> (names under model.layers.{i}., trans
     "attn.out.kernel": (("self_attn.o_proj.weight",), True),
     "attn.out.bias": (("self_attn.o_proj.bias",), False),
     "mlp.norm.scale": (("post_attention_layernorm.weight",), False),
-    "mlp.gate.kernel": (("mlp.router.weight",), True),
-    "mlp.gate.bias": (("mlp.router.bias",), False),
+    "mlp.router.kernel": (("mlp.router.weight",), True),
+    "mlp.router.bias": (("mlp.router.bias",), False),
     # Hugging Face stores dequantized experts as [E, in, out], our layout.
     "mlp.mlp1_weight": (("mlp.experts.gate_up_proj",), False),
     "mlp.mlp1_bias": (("mlp.experts.gate_up_proj_bias",), False),

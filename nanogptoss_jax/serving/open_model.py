@@ -5,6 +5,7 @@ import pathlib
 
 from nanogptoss_jax.chat import harmony
 from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.pretrained import hub
 
 
 def open_model(path: str, chat_format: str = "auto"):
@@ -14,12 +15,12 @@ def open_model(path: str, chat_format: str = "auto"):
   (trained on raw stories, they never learned harmony) and for tokenizers without its tokens.
   """
   root = pathlib.Path(path)
-  if not root.is_dir():
-    raise UserError(f"no checkpoint directory {root}; pass a run directory written by train.py "
-                    "or a pretrained gpt-oss directory")
+  if not root.is_dir() and not hub.is_hub_id(path):
+    raise UserError(f"no checkpoint directory {root}; pass a run directory written by train.py, "
+                    "a pretrained gpt-oss directory or a hub id (openai/gpt-oss-20b)")
   ours = (root / "best").is_dir() or (root / "checkpoints").is_dir()
   if ours:
-    from nanogptoss_jax.training.checkpoints import load_checkpoint
+    from nanogptoss_jax.training.weights import load_checkpoint
     model, tokenizer = load_checkpoint(root)
   else:
     try:

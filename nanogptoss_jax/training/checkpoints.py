@@ -10,6 +10,7 @@ import logging
 import math
 import pathlib
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -21,16 +22,22 @@ from nanogptoss_jax.data.bpe import BPE_FILE_NAME, use_bpe_file, write_bpe_file
 from nanogptoss_jax.data.tokenizer import Tokenizer
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import layer_stack
+from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.gptoss import layer_layout
 from nanogptoss_jax.training.checksums import seal, verify
 from nanogptoss_jax.training.config_io import config_from_dict, config_to_dict
 from nanogptoss_jax.training.run_config import RunConfig
-from nanogptoss_jax.training.state import abstract_train_state
 
 ITEMS = ("state", "data", "meta")
 PERIODIC_DIR, BEST_DIR = "checkpoints", "best"
 UNREADABLE_DIR = "unreadable"  # where a resume moves the periodic steps it could not read
 TOKENIZER_DIR = "tokenizer"  # the run's copy of the BPE file
 LAYER_LAYOUT_KEY = "layer_layout"  # how the saved state stores its blocks (model/layer_stack.py)
+# The parameter names a step was written with: steps without this key call the MoE's router
+# `gate`, as the reference does.
+PARAM_NAMES_KEY, PARAM_NAMES = "param_names", 2
+LEGACY_NAMES = {"router": "gate"}
+SOURCE_KEY = "init_from"  # where the run's weights started: {"path", "sha256"}, or absent
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -85,7 +92,10 @@ class RunCheckpoints:
                                              multiprocessing_options=_barrier_prefix(BEST_DIR)))
 
   def save(self, step: int, state, data_state: dict, meta: dict, *, best: bool = False) -> None:
+    """Saves all of `state` but its frozen parameters, which a restore rebuilds from where the
+    run started (meta's init_from and seed)."""
     managers = [self.periodic] + ([self.best] if best else [])
+    state = dataclasses.replace(state, frozen=None)
     try:
       self._seal_finished()
       for manager in managers:
@@ -188,9 +198,14 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, *,
     return None, None, meta
   # A step saved in the other layer layout (steps from before scanned layers name none: loop)
   # is read in its own and converted, optimiser state too.
+  frozen = abstract_state.frozen
+  abstract_state = dataclasses.replace(abstract_state, frozen=None)
   wanted = layer_stack.tree_layout(abstract_state)
   saved = meta.get(LAYER_LAYOUT_KEY, layer_stack.LOOP)
   target = layer_stack.to_layout(abstract_state, saved)  # the same tree when in that layout
+  legacy = meta.get(PARAM_NAMES_KEY, 1) < PARAM_NAMES
+  if legacy:
+    target = rename_keys(target, LEGACY_NAMES)
   # A leaf without a target sharding gets the saved one, which names the devices of the run
   # that wrote it (another mesh, other processes) and cannot be rebuilt on a different
   # topology; such leaves land on this process's first device instead.
@@ -199,8 +214,24 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, *,
                                      fallback_sharding=_first_local_device()),
       data=ocp.args.JsonRestore()))
   state = _data_to_keys(items["state"], target)
+  if legacy:
+    state = rename_keys(state, {new: old for old, new in LEGACY_NAMES.items()})
   state = layer_stack.to_layout(state, wanted) if wanted else state
-  return state, items["data"], meta
+  return dataclasses.replace(state, frozen=frozen), items["data"], meta
+
+
+def rename_keys(tree, renames: dict):
+  """`tree` (a state, optimiser state, abstract or not) with dict keys renamed at any depth."""
+  def is_node(node):
+    return isinstance(node, Mapping) and any(key in node for key in renames)
+
+  def rename(node):
+    if not isinstance(node, Mapping):
+      return node
+    raw = node.raw_mapping if isinstance(node, nnx.State) else node
+    return type(node)({renames.get(key, key): rename(value) for key, value in raw.items()})
+
+  return jax.tree.map(rename, tree, is_leaf=is_node)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool = False):
@@ -223,10 +254,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state, *, meta_only: bool =
   return None
 
 
-def make_meta(cfg: RunConfig, tokenizer: Tokenizer, step: int, metrics: dict[str, Any]) -> dict:
-  return {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_dict(), "step": step,
-          "metrics": metrics,
-          LAYER_LAYOUT_KEY: getattr(cfg.model, "layer_layout", layer_stack.LOOP)}
+def make_meta(cfg: RunConfig, tokenizer: Tokenizer, step: int, metrics: dict[str, Any],
+              source: dict | None = None) -> dict:
+  """The JSON half of a checkpoint; `source` describes `train.init_from` (path, content hash)."""
+  layout = (layer_layout(cfg.model, cfg.execution) if isinstance(cfg.model, GptOssConfig)
+            else layer_stack.LOOP)
+  meta = {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_dict(), "step": step,
+          "metrics": metrics, LAYER_LAYOUT_KEY: layout, PARAM_NAMES_KEY: PARAM_NAMES}
+  return meta | ({SOURCE_KEY: source} if source else {})
 
 
 def read_meta(meta: dict) -> tuple[RunConfig, Tokenizer]:
@@ -245,56 +280,6 @@ def use_run_tokenizer_file(run_dir: pathlib.Path) -> None:
     use_bpe_file(run_dir / TOKENIZER_DIR)
 
 
-def _read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+def read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory.absolute(), item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def _load_step(manager: ocp.CheckpointManager, step: int):
-  _, _, meta = restore_step(manager, step, None, meta_only=True)
-  cfg, tokenizer = read_meta(meta)
-  # generate()'s default stop ids come from the tokenizer: a compact vocabulary numbers
-  # <|endoftext|> differently.
-  # The loop layout, whatever the run trained with: a cached decode step that slices layers
-  # out of scanned stacks measured 1.5x slower (docs/benchmarks.md).
-  model_cfg = cfg.model.replace(stop_tokens=tuple(tokenizer.stop_ids))
-  if hasattr(model_cfg, "layers_impl"):
-    model_cfg = model_cfg.replace(layers_impl=layer_stack.LOOP)
-  cfg = dataclasses.replace(cfg, model=model_cfg)
-  graphdef, abstract_state, _ = abstract_train_state(cfg)
-  state, _, _ = restore_step(manager, step, abstract_state)
-  return nnx.merge(graphdef, state.params, state.rest), tokenizer
-
-
-def load_checkpoint(run_dir: str | pathlib.Path):
-  """(model, tokenizer) from a run directory: its best-validation checkpoint, else the newest
-  readable periodic one. Says which step it loaded and which it skipped; moves nothing."""
-  root = pathlib.Path(run_dir)
-  train_hint = (f"train one with `python train.py --config configs/nano.py "
-                f"--config.run_dir={root}`")
-  if not root.is_dir():
-    raise CheckpointError(f"no run directory {root}; {train_hint}")
-  use_run_tokenizer_file(root)
-  skipped = []
-  for sub in (BEST_DIR, PERIODIC_DIR):
-    if not (root / sub).is_dir():
-      continue
-    manager = _read_only_manager(root / sub)
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        model, tokenizer = _load_step(manager, step)
-      except CheckpointError:
-        raise
-      except Exception as error:  # noqa: BLE001 - any failure means "this step is unusable"
-        skipped.append(f"{sub}/{step} ({short_error(error)})")
-        logging.warning("skipped unreadable checkpoint %s/%s/%d: %s", root, sub, step,
-                        short_error(error))
-        continue
-      logging.info("loaded %s/%s/%d%s", root, sub, step,
-                   f" (skipped {', '.join(skipped)})" if skipped else "")
-      return model, tokenizer
-  if skipped:
-    raise CheckpointError(f"no readable checkpoint in {root}: skipped {'; '.join(skipped)}. "
-                          "The files were left in place.")
-  raise CheckpointError(f"no checkpoint under {root} (expected {root}/{BEST_DIR}/<step> or "
-                        f"{root}/{PERIODIC_DIR}/<step>); {train_hint}")

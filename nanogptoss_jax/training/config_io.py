@@ -6,7 +6,7 @@ import typing
 from typing import Any
 
 from nanogptoss_jax.errors import UsageError
-from nanogptoss_jax.model import registry
+from nanogptoss_jax.model import execution, registry
 from nanogptoss_jax.training.run_config import RunConfig
 
 # How a saved config names its model class; the JSON holds the kind, never the class path.
@@ -94,9 +94,21 @@ def _from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
   return cls(**kwargs)
 
 
+def _with_execution_section(d: dict[str, Any]) -> dict[str, Any]:
+  """A config saved before the execution config existed: its dtypes, kernel choices and layouts
+  sat in `model` and the mesh's fsdp size in `train`; they move to `execution`."""
+  if "execution" in d:
+    return d
+  model, train = dict(d.get("model", {})), dict(d.get("train", {}))
+  moved = {name: model.pop(name) for name in execution.FIELDS if name in model}
+  if "fsdp" in train:
+    moved["fsdp"] = train.pop("fsdp")
+  return {**d, "model": model, "train": train, "execution": moved}
+
+
 def config_from_dict(d: dict[str, Any]) -> RunConfig:
   """The RunConfig that `config_to_dict` (maybe via JSON) produced; missing fields take defaults."""
-  d = dict(d)
+  d = _with_execution_section(dict(d))
   kind = d.pop(MODEL_KIND_KEY, None)
   if kind not in registry.MODELS:
     raise ConfigOverrideError(f"saved config's {MODEL_KIND_KEY} must be one of "

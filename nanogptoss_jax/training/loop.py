@@ -8,7 +8,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
@@ -19,16 +18,16 @@ from nanogptoss_jax.data.tokenizer import Tokenizer
 from nanogptoss_jax.data.windows import make_train_iterator, val_windows
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model.config import ConfigError
-from nanogptoss_jax.model.registry import build_model
 from nanogptoss_jax.sampling.text import generate_text
 from nanogptoss_jax.training import checkpoints as ckpt
-from nanogptoss_jax.training import faults
+from nanogptoss_jax.parallel.mesh import make_mesh
+from nanogptoss_jax.training import faults, weights
 from nanogptoss_jax.training import mesh as sharding
 from nanogptoss_jax.training.metrics_log import MetricsLog, progress_interval
 from nanogptoss_jax.training.optimizer import lr_schedule
 from nanogptoss_jax.training.resume import check_resumable
 from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
-from nanogptoss_jax.training.state import abstract_train_state, init_train_state
+from nanogptoss_jax.training.state import abstract_train_state, merge_model
 from nanogptoss_jax.training.step import make_eval_step, make_train_step
 from nanogptoss_jax.training.stop_request import StopRequest
 
@@ -68,9 +67,9 @@ class Trainer:
     saved_tokenizer = Tokenizer.from_dict(resume["tokenizer"]) if resume else None
     self.tokenizer, self.train_stream, self.val_stream = prepare_data(cfg.data, saved_tokenizer)
 
-    self.mesh = sharding.make_mesh(cfg.train.fsdp)
+    self.mesh = make_mesh(cfg.execution)
     self.graphdef, abstract_state, tx = abstract_train_state(cfg)
-    self.state_shardings = sharding.state_shardings(self.mesh, abstract_state)
+    self.state_shardings = weights.state_shardings(cfg, self.mesh, abstract_state)
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum
     if micro_batch % self.mesh.size:
       raise ConfigError(
@@ -92,9 +91,9 @@ class Trainer:
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, None), donate_argnums=0)
     eval_fn = make_eval_step(self.graphdef, self.mesh)
-    self.eval_step = jax.jit(eval_fn, in_shardings=(self.state_shardings.params,
-                                                     self.state_shardings.rest, self.eval_sharding))
-
+    self.eval_step = jax.jit(eval_fn, in_shardings=(
+        self.state_shardings.params, self.state_shardings.frozen, self.state_shardings.rest,
+        self.eval_sharding))
     self.data_iter = make_train_iterator(
         self.train_stream, cfg.train.context_len, cfg.train.batch_size, cfg.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -102,7 +101,11 @@ class Trainer:
     self._recent_losses = []  # train losses since the last eval
     if resume:
       step, state, data_state, meta = ckpt.restore(
-          self.checkpoints.periodic, self._with_shardings(abstract_state))
+          self.checkpoints.periodic, jax.tree.map(
+              lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+              self.state_shardings))
+      self.source = meta.get(ckpt.SOURCE_KEY)
+      state = weights.restored_state(cfg, state, meta)  # frozen weights rebuilt, source checked
       # A step converted from the other layer layout comes back on one device: spread it.
       self.state = jax.device_put(state, self.state_shardings)
       self.data_iter.set_state(data_state)
@@ -117,15 +120,11 @@ class Trainer:
       logging.warning("resumed from step %d in %s", step, self.run_dir)
     else:
       self.log.set_aside()  # a run that crashed before its first checkpoint left rows there
-      init = lambda: init_train_state(build_model(cfg.model, cfg.train.seed), tx)
-      self.state = jax.jit(init, out_shardings=self.state_shardings)()
+      self.source = weights.source_record(cfg)
+      self.state = weights.initial_state(cfg, tx, self.state_shardings)
     self.lr_schedule = lr_schedule(cfg.optim, cfg.train.steps)
     self._tokens_per_s = 0.0
     self._reset_clock()
-
-  def _with_shardings(self, abstract_state):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, self.state_shardings)
 
   def _read_resume_meta(self) -> dict | None:
     if self.checkpoints.latest_step() is None:
@@ -144,7 +143,7 @@ class Trainer:
 
   def model(self):
     """The current model (a view on the train state's arrays)."""
-    return nnx.merge(self.graphdef, self.state.params, self.state.rest)
+    return merge_model(self.graphdef, self.state)
 
   def _next_batch(self) -> jax.Array:
     local = np.asarray(next(self.data_iter), dtype=np.int32)  # [b, T + 1] this process's rows
@@ -156,14 +155,16 @@ class Trainer:
     batch_size = self.cfg.train.batch_size // self.cfg.train.grad_accum
     # Whole batches only, so one shape compiles (__init__ checked there is at least one).
     count = len(self.val_data) // batch_size * batch_size
-    total = 0.0
+    total, counted = 0.0, 0.0
     per_process = batch_size // jax.process_count()
     for start in range(0, count, batch_size):
       rows = self.val_data[start + jax.process_index() * per_process:][:per_process]
       batch = sharding.global_batch(rows.astype(np.int32), self.eval_sharding)
-      total += float(self.eval_step(self.state.params, self.state.rest, batch))
+      loss_sum, weight_sum = self.eval_step(self.state.params, self.state.frozen,
+                                            self.state.rest, batch)
+      total, counted = total + float(loss_sum), counted + float(weight_sum)
       faults.maybe_kill("mid_eval", self.step)
-    val_loss = total / (count * self.cfg.train.context_len)
+    val_loss = total / counted
     bits_per_byte = val_loss / math.log(2) / self.val_stream.bytes_per_token
     return {"val_loss": val_loss, "val_bpb": bits_per_byte}
 
@@ -177,7 +178,7 @@ class Trainer:
       ckpt.carry_tokenizer_file(self.run_dir)
     meta = ckpt.make_meta(self.cfg, self.tokenizer, self.step,
                           metrics | {"best_val_loss": self.best_val,
-                                     RECENT_LOSSES_KEY: list(self._recent_losses)})
+                                     RECENT_LOSSES_KEY: list(self._recent_losses)}, self.source)
     self.checkpoints.save(self.step, self.state, self.data_iter.get_state(), meta, best=best)
     faults.maybe_kill("checkpoint_write", self.step)  # Orbax writes in a background thread
     faults.maybe_kill("after_save", self.step, before=self.checkpoints.wait)

@@ -5,7 +5,7 @@ import os
 import pathlib
 
 from nanogptoss_jax.model.config import ConfigError
-from nanogptoss_jax.training.config_io import config_to_dict
+from nanogptoss_jax.training.config_io import config_from_dict, config_to_dict
 from nanogptoss_jax.training.run_config import RunConfig
 
 
@@ -14,10 +14,6 @@ from nanogptoss_jax.training.run_config import RunConfig
 # windows cut at one length, in one seed's shuffle order). The optimizer and the step count may
 # change (e.g. a lower learning rate after a divergence).
 RESUME_TRAIN_KEYS = ("seed", "batch_size", "context_len")
-
-
-# Model fields that say how the blocks are stored, not what is computed: a resume converts.
-MODEL_LAYOUT_KEYS = ("layers_impl",)
 
 
 # Data fields that say where things are, not what the data is: a resume may change them.
@@ -33,12 +29,16 @@ def _data_identity(data: dict) -> dict:
 
 
 def check_resumable(cfg: RunConfig, saved: dict, run_dir: pathlib.Path) -> None:
-  current = json.loads(json.dumps(config_to_dict(cfg)))  # as saved: tuples become lists
-  def model_identity(model: dict) -> dict:
-    return {key: value for key, value in model.items() if key not in MODEL_LAYOUT_KEYS}
+  """Raises unless `cfg` may resume the run saved with config `saved` (a dict, as saved).
 
-  pairs = [("model", model_identity(saved["model"]), model_identity(current["model"])),
-           ("data", _data_identity(saved["data"]), _data_identity(current["data"]))]
+  The execution config may change (dtypes, kernels, layouts, mesh), except the experts' storage
+  format, which decides what the parameters are."""
+  current = json.loads(json.dumps(config_to_dict(cfg)))  # as saved: tuples become lists
+  saved = json.loads(json.dumps(config_to_dict(config_from_dict(saved))))  # older layouts too
+  pairs = [("model", saved["model"], current["model"]),
+           ("data", _data_identity(saved["data"]), _data_identity(current["data"])),
+           ("execution", {"expert_format": saved["execution"]["expert_format"]},
+            {"expert_format": current["execution"]["expert_format"]})]
   pairs.append(("train", {key: saved["train"][key] for key in RESUME_TRAIN_KEYS},
                 {key: current["train"][key] for key in RESUME_TRAIN_KEYS}))
   for section, before, now in pairs:

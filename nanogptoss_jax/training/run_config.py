@@ -1,12 +1,15 @@
 """Run configs: what to train on, how to optimise, how long; `configs/<name>.py` build these."""
 
 import dataclasses
+import re
 from pathlib import PurePosixPath
 
 from nanogptoss_jax import o200k
 from nanogptoss_jax.data.config import DataConfig
 from nanogptoss_jax.model.config import ConfigError, Gpt2Config, GptOssConfig
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.registry import ModelConfig
+from nanogptoss_jax.training.losses import LOSSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +43,23 @@ class TrainConfig:
   sample_tokens: int = 48
   load_balance_coef: float = 0.01  # Switch-Transformer auxiliary loss
   router_z_coef: float = 0.001  # ST-MoE router z-loss
-  fsdp: int = 1  # size of the mesh's fsdp axis; the data axis takes the remaining devices
   wandb_project: str = ""  # a Weights & Biases project to log to as well (the wandb extra)
+  loss: str = "next_token"  # training/losses.py LOSSES
+  # A regular expression over dotted parameter paths: only matching nnx.Params train (get
+  # gradients and optimiser state); "" trains every parameter.
+  trainable: str = ""
+  # Start from these weights instead of the seed: a run directory or a published gpt-oss
+  # checkpoint directory. Parameters the source lacks (adapters) keep their initial values.
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """Everything one training run needs; saved with its checkpoints."""
+  """Everything one training run needs; saved with its checkpoints. `model` is what is trained
+  (the architecture), `execution` how it runs (dtypes, kernels, layouts, mesh)."""
 
   model: ModelConfig
+  execution: ExecutionConfig = ExecutionConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
@@ -73,8 +84,6 @@ def gpt2_twin(run: RunConfig) -> RunConfig:
       # Exactly the training window: positions past it would get no gradient, only weight decay.
       max_position_embeddings=run.train.context_len,
       dropout=0.0,  # as GPT-OSS, which has no dropout
-      param_dtype=model.param_dtype,
-      dtype=model.dtype,
   )
   run_dir = PurePosixPath(run.run_dir)
   return dataclasses.replace(run, model=gpt2,
@@ -109,7 +118,9 @@ def _run_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
       (train.load_balance_coef >= 0 and train.router_z_coef >= 0,
        f"train.load_balance_coef={train.load_balance_coef} and "
        f"train.router_z_coef={train.router_z_coef} must be >= 0"),
-      (train.fsdp > 0, f"train.fsdp={train.fsdp} must be > 0"),
+      (train.loss in tuple(LOSSES), f"train.loss={train.loss!r} must be one of {tuple(LOSSES)}"),
+      (_is_regex(train.trainable),
+       f"train.trainable={train.trainable!r} must be a regular expression over parameter paths"),
       (optim.lr > 0, f"optim.lr={optim.lr} must be > 0"),
       (0 <= optim.min_lr <= optim.lr,
        f"optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]"),
@@ -123,6 +134,14 @@ def _run_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
       (bool(cfg.run_dir.strip()), "run_dir must not be empty"),
       *model.run_rules(train.context_len),
   ]
+
+
+def _is_regex(pattern: str) -> bool:
+  try:
+    re.compile(pattern)
+  except re.error:
+    return False
+  return True
 
 
 def validate_run_config(cfg: RunConfig) -> None:
