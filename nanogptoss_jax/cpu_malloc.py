@@ -5,8 +5,7 @@ threads. glibc serves blocks above its mmap threshold (at most 32 MiB by default
 mmaps, and a worker thread's arena (capped at 64 MiB heaps) falls back to mmap for any large
 block whatever the threshold; both are unmapped on free, so every step page-faults its whole
 working set again. One arena (the main heap, which grows without that cap) and high mmap and
-trim thresholds keep that memory for reuse: measured here, an elementwise op over a
-[201088, 256] float32 array went 85 ms -> 16 ms, the bench-201k train step 1.49 s -> 1.19 s.
+trim thresholds keep that memory for reuse (docs/benchmarks.md has the measured gain).
 glibc reads tunables only at process start, so entry points re-exec themselves once with them.
 """
 

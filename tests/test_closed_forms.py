@@ -86,6 +86,22 @@ def test_router_stats_closed_form():
   np.testing.assert_allclose(float(stats["router_z_loss"]), np.mean(lse ** 2), rtol=1e-6)
 
 
+def test_load_balance_gradient_reaches_the_router_in_closed_form():
+  """d(load balance)/d(logits) = E * f_e * d(mean prob_e): the assignment fractions f are
+  constants (a stop-gradient), the router's probabilities carry the gradient."""
+  logits = np.asarray([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [3.0, 3.0, 0.0], [-2.0, 0.5, 1.5]],
+                      np.float32)
+  top = jnp.asarray([[0, 1], [1, 0], [0, 1], [2, 1]])
+  grad = jax.grad(lambda x: router_stats(x, top)["load_balance_loss"])(jnp.asarray(logits))
+  fraction = np.asarray([3, 4, 1]) / 8
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)  # [N, E]
+  # softmax Jacobian: d p_e / d x_j = p_e (delta_ej - p_j); the mean over N tokens adds 1/N.
+  upstream = 3 * fraction / len(logits)  # d loss / d p_e of each token
+  want = probs * (upstream - (probs * upstream).sum(-1, keepdims=True))
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+  assert np.abs(grad).max() > 1e-3
+
+
 def test_even_routing_has_load_balance_one():
   logits = jnp.zeros((4, 4))  # uniform probabilities, each expert chosen twice
   stats = router_stats(logits, jnp.asarray([[0, 1], [2, 3], [0, 2], [1, 3]]))

@@ -118,3 +118,16 @@ def test_zero_grad_step_on_split_state_decays_matrices_only():
   updates, _ = tx.update(grads, tx.init(params), params)
   changed = {name for name, u in _values(updates).items() if np.any(u != 0)}
   assert changed == {"embedding/embedding", "linear/kernel", "mlp1_weight"}
+
+
+def test_clipping_leaves_a_gradient_under_the_bound_unscaled():
+  """Below max_norm the gradient passes bit for bit; above it, it is scaled to norm max_norm."""
+  from nanogptoss_jax.training.optimizer import clip_by_global_norm
+  clip = clip_by_global_norm(1.0)
+  small = {"a": jnp.asarray([0.3, -0.4]), "b": jnp.asarray([[0.1, 0.2]])}  # norm 0.548
+  out, _ = clip.update(small, clip.init(small))
+  for key in small:
+    np.testing.assert_array_equal(out[key], small[key])
+  large = jax.tree.map(lambda g: 10 * g, small)
+  out, _ = clip.update(large, clip.init(large))
+  np.testing.assert_allclose(float(optax.tree.norm(out)), 1.0, rtol=1e-6)

@@ -157,3 +157,33 @@ def test_configs_saved_before_the_execution_config_still_load():
   assert cfg.execution.dtype == "bfloat16" and cfg.execution.layers_impl == "scan"
   assert cfg.execution.remat == "matmuls" and cfg.execution.fsdp == 2
   assert cfg.model.num_hidden_layers == 2 and cfg.train.steps == 5
+
+
+def test_a_checkpoint_naming_the_router_gate_resumes_loss_for_loss(base_run, tmp_path,
+                                                                    monkeypatch):
+  """Steps written before the router's rename (`mlp.gate`, no param_names in their meta)
+  restore, parameters and AdamW moments alike, and the run goes on as if uninterrupted."""
+  from nanogptoss_jax.training import checkpoints
+  old_save, old_meta = checkpoints.RunCheckpoints.save, checkpoints.make_meta
+
+  def save_as_before(self, step, state, data_state, meta, **options):
+    meta = {key: value for key, value in meta.items() if key != checkpoints.PARAM_NAMES_KEY}
+    state = checkpoints.rename_keys(state, {"router": "gate"})
+    return old_save(self, step, state, data_state, meta, **options)
+
+  def resumed(name, steps):
+    return tiny_run(tmp_path / name, base_run.data.cache_dir, steps=steps, eval_every=100,
+                    ckpt_every=4, sample_tokens=0)
+
+  train(resumed("whole", 8), progress=False)
+  monkeypatch.setattr(checkpoints.RunCheckpoints, "save", save_as_before)
+  trainer = Trainer(resumed("split", 8), progress=False)
+  trainer.run(until=4)
+  trainer.close()
+  saved = json.dumps(json.loads(next((tmp_path / "split" / "checkpoints" / "4")
+                                     .rglob("_METADATA")).read_text()))
+  assert "'gate'" in saved and "'router'" not in saved  # written as before the rename
+  monkeypatch.setattr(checkpoints.RunCheckpoints, "save", old_save)
+  assert checkpoints.make_meta is old_meta
+  train(resumed("split", 8), progress=False)
+  assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")

@@ -81,7 +81,7 @@ class GptOss(nnx.Module):
     else:
       # Caches differ in shape between sliding and full layers and callers index them by layer:
       # a cached forward runs layer by layer in either layout (over scanned stacks each layer is
-      # a slice XLA copies, 1.5x slower to decode, so inference loaders give the loop layout).
+      # a slice XLA copies, slower to decode, so inference loaders give the loop layout).
       for layer in range(self.cfg.num_hidden_layers):
         x, layer_cache, layer_stats = self._block(self.block(layer), in_order, moe_groups)(
             x, positions, rope, None if cache is None else cache[layer])

@@ -1,6 +1,6 @@
 """The engine's prefill: every request joining at one chunk boundary shares one batched call.
 
-Sequential batch-1 prefills made a burst of 16 arrivals wait for 16 calls. A batch of any size
+One call per arrival would make a burst of 16 arrivals wait for 16 calls. A batch of any size
 would compile afresh per size (seconds of XLA while serving), so the rows are padded to a power
 of two (at most the slot count) and the prompts to `prompt_bucket`: at most log2(slots) + 1
 shapes per prompt bucket, each compiled once (`warm_up` compiles them before any request).

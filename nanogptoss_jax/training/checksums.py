@@ -30,7 +30,7 @@ def seal(step_dir: pathlib.Path) -> None:
 def verify(step_dir: pathlib.Path) -> None:
   """Raises CorruptCheckpointError if a file of a sealed step changed, vanished or was cut short."""
   if not (step_dir / CHECKSUMS_FILE).is_file():
-    return  # written before checksums existed, or killed between its write and its seal
+    return  # killed between its write and its seal (or written by an older version)
   expected = json.loads((step_dir / CHECKSUMS_FILE).read_text())
   actual = _step_files(step_dir)
   damaged = sorted(name for name in expected if actual.get(name) != expected[name])
