@@ -44,12 +44,29 @@ def tinystories_dir() -> Path:
   return TINYSTORIES_DIR
 
 
-def pytest_terminal_summary(terminalreporter):
-  """The fault-injection suite's table: every fault tried, whether the run survived, what was lost."""
+def _fault_rows() -> list:
   # pytest may have imported the module as `test_faults` or `tests.test_faults`.
   modules = {id(module): module for name, module in list(sys.modules.items())
              if name.endswith("test_faults")}
-  rows = [row for module in modules.values() for row in getattr(module, "FAULT_TABLE", [])]
+  return [list(row) for module in modules.values() for row in getattr(module, "FAULT_TABLE", [])]
+
+
+_worker_fault_rows = []  # under pytest-xdist: the rows each worker sent back
+
+
+def pytest_sessionfinish(session):
+  if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the rows to the controller
+    session.config.workeroutput["fault_rows"] = _fault_rows()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  _worker_fault_rows.extend(getattr(node, "workeroutput", {}).get("fault_rows", []))
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The fault-injection suite's table: every fault tried, whether the run survived, what was lost."""
+  rows = _fault_rows() + _worker_fault_rows
   if rows:
     terminalreporter.write_line("\nfaults tried | survived | data lost")
     for row in rows:

@@ -19,7 +19,8 @@ def _run(*argv, timeout=120):
 
 
 @pytest.mark.parametrize("argv, code, message", [
-    (["generate.py", "--checkpoint", "no/such/run"], 1, "no run directory no/such/run"),
+    # Not a directory: read as a hub id, which an offline machine cannot fetch.
+    (["generate.py", "--checkpoint", "no/such/run"], 1, "or pass a local directory"),
     (["generate.py", "--checkpoint", "x", "--max-new-tokens", "-5"], 2, "--max-new-tokens"),
     (["generate.py", "--checkpoint", "x", "--temperature", "-1"], 2, "--temperature"),
     (["generate.py", "--checkpoint", "x", "--top-p", "2"], 2, "--top-p"),

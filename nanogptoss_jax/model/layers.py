@@ -50,10 +50,10 @@ def matmul_for(impl: str):
   return {"plain": jnp.matmul, "transposed_grad": kernel_matmul.matmul}[choices.matmul_impl(impl)]
 
 
-def linear(in_features: int, out_features: int, *, logical_axes: tuple[str, str],
+def linear(in_features: int, out_features: int, *, logical_axes: tuple[str, str] | None = None,
            matmul_impl: str = "auto", **kwargs) -> nnx.Linear:
   """`nnx.Linear` whose product runs through the matmul `matmul_impl` picks (same parameters);
-  `logical_axes` names the kernel's (in, out) axes (model/axes.py)."""
+  `logical_axes` names the kernel's (in, out) axes (model/axes.py; every model layer does)."""
   dot_general = (kernel_matmul.linear_dot_general
                  if choices.matmul_impl(matmul_impl) == "transposed_grad" else jax.lax.dot_general)
 
@@ -62,6 +62,7 @@ def linear(in_features: int, out_features: int, *, logical_axes: tuple[str, str]
     # product inside the custom-VJP matmul.
     return checkpoint_name(dot_general(*args, **options), choices.MATMUL_OUTPUT)
 
-  return nnx.Linear(in_features, out_features, dot_general=named_dot_general,
-                    kernel_metadata=axes.names(*logical_axes),
-                    bias_metadata=axes.names(logical_axes[1]), **kwargs)
+  if logical_axes is not None:
+    kwargs |= dict(kernel_metadata=axes.names(*logical_axes),
+                   bias_metadata=axes.names(logical_axes[1]))
+  return nnx.Linear(in_features, out_features, dot_general=named_dot_general, **kwargs)

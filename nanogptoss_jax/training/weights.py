@@ -173,8 +173,8 @@ def load_checkpoint(run_dir: str | pathlib.Path):
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         model, tokenizer = load_step(manager, step)
-      except UserError:
-        raise
+      except (ckpt.CheckpointError, SourceError):
+        raise  # a broken run or base, not a broken step: older steps would not help
       except Exception as error:  # noqa: BLE001 - any failure means "this step is unusable"
         skipped.append(f"{sub}/{step} ({ckpt.short_error(error)})")
         logging.warning("skipped unreadable checkpoint %s/%s/%d: %s", root, sub, step,
