@@ -1,6 +1,8 @@
-"""Session setup shared by every test: an offline tiktoken cache and paths to the shared data."""
+"""Session setup shared by every test: an offline tiktoken cache, paths to the shared data, and
+(with CI set) a run that fails rather than skips when an oracle is missing."""
 
 import atexit
+import importlib.util
 import os
 import shutil
 import sys
@@ -30,6 +32,31 @@ def _use_offline_tiktoken_cache() -> None:
 
 # At import, before any test module loads tiktoken.
 _use_offline_tiktoken_cache()
+
+
+# What the tests compare against or drive; without one, its tests skip on a laptop, but a CI
+# run that skipped them would pass having proven nothing.
+ORACLE_MODULES = ("torch", "gpt_oss.torch.model", "transformers", "peft", "openai_harmony",
+                  "openai", "lm_eval", "datasets", "selenium.webdriver", "wandb")
+ORACLE_PROGRAMS = ("chromium", "chromedriver")
+
+
+def _importable(name: str) -> bool:
+  try:
+    return importlib.util.find_spec(name) is not None
+  except ImportError:  # a parent package is missing
+    return False
+
+
+def pytest_configure(config):
+  if not os.environ.get("CI"):
+    return
+  missing = [name for name in ORACLE_MODULES if not _importable(name)]
+  missing += [name for name in ORACLE_PROGRAMS if shutil.which(name) is None]
+  if missing:
+    pytest.exit(f"CI is set but {', '.join(missing)} cannot be found, so their tests would skip; "
+                f"install them (bash scripts/setup.sh test; chromium via apt) or unset CI",
+                returncode=1)
 
 
 @pytest.fixture(scope="session")

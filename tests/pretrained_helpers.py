@@ -10,7 +10,7 @@ import numpy as np
 
 import nanogptoss_jax
 from nanogptoss_jax.pretrained import safetensors_io
-from reference import _random_value, reference_model_module
+from tests.reference import random_value, reference_model_module
 
 # Realistic MXFP4 exponents (gpt-oss's scales cluster around 2^-9..2^3).
 SCALE_RANGE = (118, 131)
@@ -47,7 +47,7 @@ def write_original(path: str, cfg=TINY, seed: int = 0, files: int = 2) -> dict[s
       tensors[f"{name}.scales"] = rng.integers(low - shift, high - shift,
                                                (experts, out, inputs // 32), dtype=np.uint8)
     else:
-      tensors[name] = _random_value(name, shape, rng).astype(ml_dtypes.bfloat16)
+      tensors[name] = random_value(name, shape, rng).astype(ml_dtypes.bfloat16)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(reference_fields(cfg), f)

@@ -30,7 +30,7 @@ def reference_config(cfg: nanogptoss_jax.GptOssConfig):
   return ModelConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)})
 
 
-def _random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
   """A draw for reference parameter `name`, spread chosen by what the parameter does."""
   if name.endswith("sinks"):
     return rng.normal(0.0, SINK_STD, shape)
@@ -54,7 +54,7 @@ def build_reference(cfg: nanogptoss_jax.GptOssConfig, seed: int = 0):
     # the draws are stored exactly, then overwrite every one of them.
     model.float()
     for name, param in model.named_parameters():
-      param.copy_(torch.from_numpy(_random_value(name, tuple(param.shape), rng).astype(np.float32)))
+      param.copy_(torch.from_numpy(random_value(name, tuple(param.shape), rng).astype(np.float32)))
   return model.eval()
 
 
@@ -74,15 +74,3 @@ def random_tokens(cfg: nanogptoss_jax.GptOssConfig, batch: int, length: int,
                   seed: int = 0) -> np.ndarray:
   """Token ids [B, T]; rows differ so that batching bugs cannot hide."""
   return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length), dtype=np.int32)
-
-
-def relative_error(ours, ref) -> float:
-  """max|ours - ref| / max|ref|, in float64 so the figure itself carries no rounding.
-
-  An all-zero ref (say, the gradient of an expert no token chose) demands an all-zero ours.
-  """
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  scale = np.max(np.abs(ref))
-  if scale == 0:
-    return 0.0 if not np.any(ours) else math.inf
-  return float(np.max(np.abs(ours - ref)) / scale)

@@ -10,20 +10,18 @@ from nanogptoss_jax.kernels.chunked_cross_entropy import chunked_cross_entropy
 from nanogptoss_jax.kernels.cross_entropy import unembed_cross_entropy
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.unembedding import plain_cross_entropy
-from tests.reference import relative_error
+from tests.factories import normal, relative_error
 
 TOLERANCE = 1e-5
 
 
-def _normal(shape, seed):
-  return jnp.asarray(np.random.default_rng(seed).normal(0.0, 1.0, shape), jnp.float32)
 
 
 @pytest.mark.parametrize("tokens, chunk", [(37, 8), (5, 64)])
 def test_chunked_cross_entropy_equals_fused_and_plain(tokens, chunk):
-  hidden, kernel = _normal((tokens, 16), 0), _normal((16, 301), 1) * 3
+  hidden, kernel = normal((tokens, 16), 0), normal((16, 301), 1) * 3
   labels = jnp.asarray(np.random.default_rng(2).integers(0, 301, tokens))
-  upstream = _normal((tokens,), 3)
+  upstream = normal((tokens,), 3)
   chunked = lambda h, w, y: chunked_cross_entropy(h, w, y, chunk=chunk)
 
   def value_and_grads(fn):

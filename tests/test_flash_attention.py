@@ -10,14 +10,12 @@ import pytest
 from nanogptoss_jax.kernels.flash_attention import flash_attention
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.attention import attention, visible
-from tests.reference import relative_error
+from tests.factories import normal, relative_error
 
 TOLERANCE = 1e-5
 BLOCKS = dict(query_block=32, key_block=16)  # small blocks: many of them at small T
 
 
-def _normal(shape, seed, dtype=jnp.float32):
-  return jnp.asarray(np.random.default_rng(seed).normal(0.0, 1.0, shape), dtype)
 
 
 def _draw(seed, window_kind, groups):
@@ -40,11 +38,11 @@ CASES = [(11, "none", 1), (12, "1", 2), (13, "128", 3), (14, "long", 4), (15, "1
 
 def _inputs(shape, dtype=jnp.float32):
   b, t, kh, g, h = (shape[n] for n in ("batch", "length", "kv_heads", "groups", "head_dim"))
-  q = _normal((b, t, kh, g, h), 0, dtype)
-  k, v = _normal((2, b, kh, t, h), 1, dtype)
-  sinks = _normal((kh, g), 2) if shape["sinks"] else None
+  q = normal((b, t, kh, g, h), 0, dtype)
+  k, v = normal((2, b, kh, t, h), 1, dtype)
+  sinks = normal((kh, g), 2) if shape["sinks"] else None
   positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  return q, k, v, sinks, positions, _normal(q.shape, 3)
+  return q, k, v, sinks, positions, normal(q.shape, 3)
 
 
 def _grads(fn, shape, dtype=jnp.float32):
@@ -97,11 +95,11 @@ def test_flash_in_bfloat16_is_no_further_from_float32_than_plain():
 def decode_case():
   """(q, k, v, q_pos, k_pos, sinks) of a decode step: one query per row at its own position
   over cached keys with gaps (-1)."""
-  q = _normal((2, 1, 1, 4, 8), 0)
-  k, v = _normal((2, 2, 1, 40, 8), 1)
+  q = normal((2, 1, 1, 4, 8), 0)
+  k, v = normal((2, 2, 1, 40, 8), 1)
   k_pos = jnp.where(jnp.arange(40) < 30, jnp.arange(40), -1)[None].repeat(2, 0)
   q_pos = jnp.asarray([[29], [12]])
-  sinks = _normal((1, 4), 2)
+  sinks = normal((1, 4), 2)
   return q, k, v, q_pos, k_pos, sinks
 
 

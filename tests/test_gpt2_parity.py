@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax import Gpt2, Gpt2Config
-from tests.reference import relative_error
+from tests.factories import relative_error
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

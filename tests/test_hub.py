@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_stub import COMMIT, StubHub
+from tests.hub_stub import COMMIT, StubHub
 from nanogptoss_jax.pretrained import hub
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from huggingface_hub import constants
 
-from hub_stub import StubHub, read_tree
+from tests.hub_stub import StubHub, read_tree
 from nanogptoss_jax.data.bpe import base_encoding
 from nanogptoss_jax.data.tokenizer import build_compact_tokenizer
 from nanogptoss_jax.pretrained.export import save_pretrained
 from nanogptoss_jax.pretrained.load import load_pretrained
 from nanogptoss_jax.pretrained.tokenizer import save_tokenizer
-from pretrained_helpers import TINY, write_original
+from tests.pretrained_helpers import TINY, write_original
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "openai/tiny-oss"

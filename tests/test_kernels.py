@@ -16,20 +16,12 @@ from nanogptoss_jax.model.attention import attend, attention
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.unembedding import plain_cross_entropy
 from nanogptoss_jax.training.losses import token_losses
-from tests.reference import relative_error
-from tests.test_model_properties import _random_module
+from tests.factories import assert_close, normal, random_module, tiny_config
 
 TOLERANCE = 1e-5
 PLAIN = ExecutionConfig(attention_impl="plain", matmul_impl="plain", loss_impl="plain")
 
 
-def _normal(shape, seed):
-  return jnp.asarray(np.random.default_rng(seed).normal(0.0, 1.0, shape), jnp.float32)
-
-
-def _assert_close(ours, theirs, what):
-  err = relative_error(ours, theirs)
-  assert err <= TOLERANCE, f"{what}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("groups, window, length, sinks", [
@@ -41,11 +33,11 @@ def _assert_close(ours, theirs, what):
 ])
 def test_blocked_attention_equals_plain_attention(groups, window, length, sinks):
   batch, kv_heads, head_dim = 2, 2, 8
-  q = _normal((batch, length, kv_heads, groups, head_dim), 0)
-  k, v = _normal((2, batch, kv_heads, length, head_dim), 1)
-  sink = _normal((kv_heads, groups), 2) if sinks else None
+  q = normal((batch, length, kv_heads, groups, head_dim), 0)
+  k, v = normal((2, batch, kv_heads, length, head_dim), 1)
+  sink = normal((kv_heads, groups), 2) if sinks else None
   positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-  upstream = _normal(q.shape, 3)
+  upstream = normal(q.shape, 3)
 
   def loss(impl, in_order, q, k, v, sink):
     out = attend(q, k, v, positions, positions, window=window, sinks=sink, impl=impl,
@@ -57,39 +49,37 @@ def test_blocked_attention_equals_plain_attention(groups, window, length, sinks)
   plain_grads, plain_out = grad("plain", False, q, k, v, sink)
   for in_order in (False, True):
     grads, out = grad("blocked", in_order, q, k, v, sink)
-    _assert_close(out, plain_out, f"output (in_order={in_order})")
+    assert_close(out, plain_out, TOLERANCE, f"output (in_order={in_order})")
     for name, ours, theirs in zip(("dq", "dk", "dv", "dsink"), grads, plain_grads):
-      _assert_close(ours, theirs, f"{name} (in_order={in_order})")
+      assert_close(ours, theirs, TOLERANCE, f"{name} (in_order={in_order})")
 
 
 def test_plain_attention_with_padding_and_cache_positions():
   """Keys at unknown positions (-1) and a query row of padding: both paths agree and stay finite."""
-  q = _normal((1, 3, 1, 2, 4), 0)
-  k, v = _normal((2, 1, 1, 5, 4), 1)
+  q = normal((1, 3, 1, 2, 4), 0)
+  k, v = normal((2, 1, 1, 5, 4), 1)
   q_pos = jnp.asarray([[3, 4, -1]])
   k_pos = jnp.asarray([[0, 1, -1, 3, 4]])
-  sinks = _normal((1, 2), 2)
+  sinks = normal((1, 2), 2)
   plain = attention(q, k, v, q_pos, k_pos, window=2, sinks=sinks)
   blocked = attend(q, k, v, q_pos, k_pos, window=2, sinks=sinks, impl="blocked")
   assert np.isfinite(np.asarray(plain)).all()
-  _assert_close(blocked[:, :2], plain[:, :2], "output")
+  assert_close(blocked[:, :2], plain[:, :2], TOLERANCE, "output")
 
 
 def test_fused_cross_entropy_equals_plain():
-  hidden, kernel = _normal((37, 16), 0), _normal((16, 301), 1) * 3
+  hidden, kernel = normal((37, 16), 0), normal((16, 301), 1) * 3
   labels = jnp.asarray(np.random.default_rng(2).integers(0, 301, 37))
-  upstream = _normal((37,), 3)
+  upstream = normal((37,), 3)
   loss = lambda fn: lambda h, w: jnp.sum(fn(h, w, labels) * upstream)
   for ours, theirs in zip(jax.grad(loss(unembed_cross_entropy), (0, 1))(hidden, kernel),
                           jax.grad(loss(plain_cross_entropy), (0, 1))(hidden, kernel)):
-    _assert_close(ours, theirs, "gradient")
-  _assert_close(unembed_cross_entropy(hidden, kernel, labels),
-                plain_cross_entropy(hidden, kernel, labels), "loss")
+    assert_close(ours, theirs, TOLERANCE, "gradient")
+  assert_close(unembed_cross_entropy(hidden, kernel, labels),
+               plain_cross_entropy(hidden, kernel, labels), TOLERANCE, "loss")
 
 
-MOE_CFG = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=97,
-                       hidden_size=32, intermediate_size=24, head_dim=16, num_attention_heads=4,
-                       num_key_value_heads=2, sliding_window=5, rope_scaling_factor=1.0)
+MOE_CFG = tiny_config()
 
 
 @pytest.mark.parametrize("model_class, cfg, execution", [
@@ -105,23 +95,23 @@ def test_plain_model_equals_the_default_one(model_class, cfg, execution):
   results = []
   for impl in (execution, PLAIN.replace(moe_impl="dense")):
     # GPT-2's dropout streams are state too; its seeded init gives both models equal weights.
-    model = (_random_module(model_class, cfg, execution=impl) if model_class is GptOss
+    model = (random_module(model_class, cfg, execution=impl) if model_class is GptOss
              else model_class(cfg, execution=impl, rngs=nnx.Rngs(0)))
     loss = lambda m: token_losses(m, tokens)[0].mean()
     value, grads = nnx.value_and_grad(loss)(model)
     results.append((model(tokens[:, :-1]), value, grads))
   (logits, value, grads), (plain_logits, plain_value, plain_grads) = results
-  _assert_close(logits, plain_logits, "logits")
-  _assert_close(value, plain_value, "loss")
+  assert_close(logits, plain_logits, TOLERANCE, "logits")
+  assert_close(value, plain_value, TOLERANCE, "loss")
   for (path, ours), (_, theirs) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(plain_grads)):
-    _assert_close(ours[...], theirs[...], "grad " + ".".join(map(str, path)))
+    assert_close(ours[...], theirs[...], TOLERANCE, "grad " + ".".join(map(str, path)))
 
 
 def test_cross_entropy_kernels_take_per_token_weights():
   """Fused and chunked losses scale each token by its weight, in values and gradients, as the
   plain twin does; a zero weight removes a token entirely."""
   from nanogptoss_jax.kernels.chunked_cross_entropy import chunked_cross_entropy
-  hidden, kernel = _normal((37, 16), 1), _normal((16, 53), 2)
+  hidden, kernel = normal((37, 16), 1), normal((16, 53), 2)
   labels = jnp.asarray(np.random.default_rng(3).integers(0, 53, 37))
   weights = jnp.asarray(np.random.default_rng(4).uniform(0, 2, 37) * (np.arange(37) % 5 > 0),
                         jnp.float32)
@@ -135,8 +125,8 @@ def test_cross_entropy_kernels_take_per_token_weights():
   for name, fn in kernels.items():
     value, grads = jax.value_and_grad(lambda h, w: fn(h, w, labels, weights).sum(),
                                       argnums=(0, 1))(hidden, kernel)
-    _assert_close(value, want, f"{name} loss")
+    assert_close(value, want, TOLERANCE, f"{name} loss")
     for ours, theirs in zip(grads, want_grads):
-      _assert_close(ours, theirs, f"{name} gradient")
+      assert_close(ours, theirs, TOLERANCE, f"{name} gradient")
     dropped = jax.grad(lambda h: fn(h, kernel, labels, weights).sum())(hidden)
     assert not np.asarray(dropped)[np.asarray(weights) == 0].any()

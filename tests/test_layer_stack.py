@@ -19,7 +19,8 @@ from nanogptoss_jax.parallel import rules
 from nanogptoss_jax.training import checkpoints
 from nanogptoss_jax.training.loop import Trainer, train
 from nanogptoss_jax.training.weights import load_checkpoint
-from train_helpers import tiny_run
+from tests.factories import random_module
+from tests.train_helpers import tiny_run
 
 TOLERANCE = 1e-5
 SMALL = GptOssConfig(hidden_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
@@ -28,9 +29,20 @@ SMALL = GptOssConfig(hidden_size=32, head_dim=8, num_attention_heads=4, num_key_
 
 
 def _pair(layers: int, remat: str = "none"):
+  """The default init of one config in both layouts (built from one seed)."""
   cfg = SMALL.replace(num_hidden_layers=layers)
   return tuple(GptOss(cfg, execution=ExecutionConfig(remat=remat, layers_impl=layout),
                       rngs=nnx.Rngs(0)) for layout in ("loop", "scan"))
+
+
+def _random_pair(layers: int, remat: str = "none"):
+  """Seeded random weights (every bias and sink distinct, so a layer given another's weights
+  shows) in the loop layout, and the same weights stacked for the scan."""
+  cfg = SMALL.replace(num_hidden_layers=layers)
+  loop = random_module(GptOss, cfg, execution=ExecutionConfig(remat=remat, layers_impl="loop"))
+  scan_graph = nnx.graphdef(nnx.eval_shape(lambda: GptOss(
+      cfg, execution=ExecutionConfig(remat=remat, layers_impl="scan"), rngs=nnx.Rngs(0))))
+  return loop, nnx.merge(scan_graph, layer_stack.to_layout(nnx.state(loop), layer_stack.SCAN))
 
 
 def _loss(model, tokens):
@@ -61,7 +73,7 @@ def _close(a, b, tolerance=TOLERANCE):
 # Three layers: a scanned (sliding, full) pair and a last block; four: two pairs, remat'd.
 @pytest.mark.parametrize("layers,remat", [(3, "none"), (4, "matmuls")])
 def test_scanned_equals_loop(layers, remat):
-  loop, scan = _pair(layers, remat)
+  loop, scan = _random_pair(layers, remat)
   assert isinstance(scan.blocks, layer_stack.ScannedBlocks) and len(scan.blocks) == layers
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, SMALL.vocab_size)
   out_loop, grads_loop = _forward_and_grads(loop, tokens)

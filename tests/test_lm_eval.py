@@ -24,7 +24,7 @@ from nanogptoss_jax.model.config import GptOssConfig  # noqa: E402
 from nanogptoss_jax.model.gptoss import GptOss  # noqa: E402
 from nanogptoss_jax.pretrained.export import save_pretrained  # noqa: E402
 from nanogptoss_jax.sampling.decode import generate  # noqa: E402
-from train_helpers import HF_MIRROR, tiny_run  # noqa: E402
+from tests.train_helpers import HF_MIRROR, tiny_run  # noqa: E402
 
 VOCAB = 512
 MAX_LENGTH = 32  # short, so truncation and rolling windows happen on short texts

@@ -23,52 +23,23 @@ from nanogptoss_jax.model.moe import MoE, dense_experts, swiglu
 from nanogptoss_jax.model.params import count_params
 from nanogptoss_jax.model.rope import rope_tables, rope_tables_in_order
 from nanogptoss_jax.training.config_files import load_config_file
-from tests.reference import relative_error
+from tests.factories import normal, random_module, relative_error, tiny_config
 
 WINDOW = 4
 LENGTH = 12  # > 2 * WINDOW, so the window really drops keys
-CFG = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=64,
-                   hidden_size=32, intermediate_size=24, head_dim=16, num_attention_heads=4,
-                   num_key_value_heads=2, sliding_window=WINDOW, rope_scaling_factor=1.0)
+CFG = tiny_config(vocab_size=64, sliding_window=WINDOW)
 MOE_TOLERANCE = 1e-5
 BF16_TOLERANCE = 2e-2
 
 
-def _random_params(abstract: nnx.Module, seed: int) -> nnx.State:
-  """A seeded draw for every parameter of `abstract`; the default init zeroes biases and sinks,
-  which would let bugs in them pass unseen."""
-  rng = np.random.default_rng(seed)
-  params = nnx.state(abstract, nnx.Param)
-  for path, variable in nnx.to_flat_state(params):
-    name, shape = path[-1], variable.shape
-    if name == "scale":
-      value = 1.0 + rng.normal(0.0, 0.1, shape)
-    elif name in ("bias", "mlp1_bias", "mlp2_bias", "sinks"):
-      value = rng.normal(0.0, 1.0 if name == "sinks" else 0.1, shape)
-    elif name == "embedding":
-      value = rng.normal(0.0, 1.0, shape)
-    else:  # [in, out] or [E, in, out]: 1/sqrt(fan_in) keeps activations O(1)
-      value = rng.normal(0.0, 1.0 / math.sqrt(shape[-2]), shape)
-    variable.set_value(jnp.asarray(value, variable.dtype))
-  return params
 
 
-def _random_module(cls, cfg, seed: int = 0, execution=None):
-  """cls(cfg) holding seeded random weights; the draws depend only on the parameter shapes.
-
-  Built abstractly and then filled: running the real initialisers eagerly costs seconds here.
-  """
-  abstract = nnx.eval_shape(lambda: cls(cfg, execution=execution, rngs=nnx.Rngs(0)))
-  return nnx.merge(nnx.graphdef(abstract), _random_params(abstract, seed))
 
 
-def _normal(shape, seed: int) -> np.ndarray:
-  """Standard normal float32 draws (numpy: eager jax.random compiles a kernel per shape)."""
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def _model(cfg: GptOssConfig = CFG, seed: int = 0, execution=None) -> GptOss:
-  return _random_module(GptOss, cfg, seed, execution)
+  return random_module(GptOss, cfg, seed, execution)
 
 
 def _positions(batch: int, length: int) -> jax.Array:
@@ -113,7 +84,7 @@ def _influence_maps(model: GptOss, x: jax.Array):
 
 
 def _embeddings(batch: int = 2, length: int = LENGTH, seed: int = 1) -> np.ndarray:
-  return _normal((batch, length, CFG.hidden_size), seed)
+  return np.asarray(normal((batch, length, CFG.hidden_size), seed))
 
 
 @functools.cache
@@ -187,8 +158,8 @@ def _softmax_attention(q, k, v, window, sinks=None):
 
 def _random_qkv(batch=2, length=7, kv_heads=2, groups=3, head_dim=8):
   """q [B, T, K, G, H]; k and v [B, K, S, H] with S = T (attend's layouts)."""
-  q = _normal((batch, length, kv_heads, groups, head_dim), seed=0)
-  k, v = _normal((2, batch, kv_heads, length, head_dim), seed=1)
+  q = normal((batch, length, kv_heads, groups, head_dim), seed=0)
+  k, v = normal((2, batch, kv_heads, length, head_dim), seed=1)
   return q, k, v
 
 
@@ -198,8 +169,8 @@ def test_skipping_key_blocks_changes_nothing(window):
   outputs and gradients as attending over every key; the last block is a partial one."""
   q, k, v = _random_qkv(length=2 * QUERY_BLOCK + 37, groups=2)
   positions = _positions(*q.shape[:2])
-  sinks = _normal(q.shape[2:4], seed=3)
-  upstream = _normal(q.shape, seed=4)
+  sinks = normal(q.shape[2:4], seed=3)
+  upstream = normal(q.shape, seed=4)
 
   def loss(q, k, v, sinks, in_order):
     out = attend(q, k, v, positions, positions, window=window, sinks=sinks, in_order=in_order)
@@ -249,7 +220,7 @@ def test_sink_at_minus_infinity_is_plain_softmax(window):
 def test_finite_sink_is_an_extra_softmax_column_that_is_dropped():
   q, k, v = _random_qkv()
   positions = _positions(*q.shape[:2])
-  sinks = _normal(q.shape[2:4], seed=2)  # [K, G]
+  sinks = normal(q.shape[2:4], seed=2)  # [K, G]
   ours = _attend(q, k, v, positions, positions, window=None, sinks=sinks)
   np.testing.assert_allclose(ours, _softmax_attention(q, k, v, None, sinks), rtol=1e-6, atol=1e-6)
 
@@ -276,9 +247,9 @@ def _moe_outputs_and_grads(moe, x, cotangent, cases):
     (1, GROUPED_MOE_CASES), (2, ALL_MOE_CASES), (4, GROUPED_MOE_CASES)])
 def test_sparse_moe_matches_dense_oracle(experts_per_token, cases):
   cfg = CFG.replace(experts_per_token=experts_per_token)
-  moe = _random_module(MoE, cfg)
-  x = _normal((4, 6, cfg.hidden_size), seed=2)  # 24 tokens, 2 groups of 12
-  cotangent = _normal(x.shape, seed=3)
+  moe = random_module(MoE, cfg)
+  x = normal((4, 6, cfg.hidden_size), seed=2)  # 24 tokens, 2 groups of 12
+  cotangent = normal(x.shape, seed=3)
   results = _moe_outputs_and_grads(moe, x, cotangent, cases)
   dense_out, (dense_params, dense_x) = results["dense", 1]
   for (impl, groups), (out, (params, grad_x)) in results.items():
@@ -296,7 +267,7 @@ def test_sparse_moe_matches_dense_oracle(experts_per_token, cases):
 def test_sorted_blocks_suffice_for_the_worst_routing():
   # Three groups of R + 1 assignments each end in a block holding one row: this routing needs
   # every block the plan allows (the bound is tight), and sorted must still equal dense.
-  moe = _random_module(MoE, CFG.replace(experts_per_token=1))
+  moe = random_module(MoE, CFG.replace(experts_per_token=1))
   tokens, experts = 4096, CFG.num_experts
   rows = block_plan(jnp.zeros((tokens, 1), jnp.int32), experts).rows_per_block
   sizes = [rows + 1] * (experts - 1) + [tokens - (experts - 1) * (rows + 1)]
@@ -305,7 +276,7 @@ def test_sorted_blocks_suffice_for_the_worst_routing():
   plan = block_plan(top_experts, experts)
   needed = sum(-(-size // rows) for size in sizes)
   assert plan.num_rows == needed * rows, (plan.num_rows // rows, needed)
-  t = jnp.asarray(_normal((tokens, CFG.hidden_size), seed=5))
+  t = jnp.asarray(normal((tokens, CFG.hidden_size), seed=5))
   top_weights = jnp.ones((tokens, 1), jnp.float32)
   weights = tuple(p[...] for p in (moe.mlp1_weight, moe.mlp1_bias, moe.mlp2_weight, moe.mlp2_bias))
   experts = dict(activation=functools.partial(swiglu, limit=CFG.swiglu_limit),
@@ -345,6 +316,8 @@ def test_bfloat16_compute_stays_close_to_float32():
   err = relative_error(_logits(low, tokens), _logits(high, tokens))
   print(f"\n[bf16 vs f32 logits] rel err {err:.2e}")
   assert err < BF16_TOLERANCE, f"bf16 logits rel err {err:.2e}"
+  # And bfloat16 really ran: identical logits would mean the compute dtype was ignored.
+  assert err > 1e-4, f"bf16 logits within {err:.2e} of float32: was bfloat16 computed at all?"
 
 
 @pytest.mark.parametrize("build, message", [

@@ -10,7 +10,7 @@ import pytest
 from nanogptoss_jax.kernels.pallas_attention import pallas_attention
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.attention import attention, visible
-from tests.reference import relative_error
+from tests.factories import relative_error
 from tests.test_flash_attention import TOLERANCE, assert_equals_plain, decode_case
 
 BLOCKS = dict(row_block=16, key_block=16)  # Triton's smallest dot: many blocks at small T

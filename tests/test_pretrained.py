@@ -12,8 +12,9 @@ from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model import mxfp4 as plain_mxfp4
 from nanogptoss_jax.pretrained.export import save_pretrained
 from nanogptoss_jax.pretrained.load import load_pretrained
-from pretrained_helpers import TINY, write_original
-from reference import reference_model_module, relative_error
+from tests.pretrained_helpers import TINY, write_original
+from tests.factories import relative_error
+from tests.reference import reference_model_module
 
 torch = pytest.importorskip("torch")
 TOKENS = np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 12), dtype=np.int32)

@@ -18,8 +18,8 @@ from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.model.quantize import quantization_error
 from nanogptoss_jax.pretrained import safetensors_io
 from nanogptoss_jax.pretrained.load import load_pretrained
-from pretrained_helpers import TINY, write_original
-from reference import relative_error
+from tests.pretrained_helpers import TINY, write_original
+from tests.factories import relative_error
 
 torch = pytest.importorskip("torch")
 MAGNITUDES = np.array(mxfp4.FP4_VALUES[:8])  # e2m1 magnitudes, code = index (+8 if negative)

@@ -13,8 +13,8 @@ from nanogptoss_jax import GptOssConfig, from_torch_state_dict, to_torch_state_d
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.rope import rope_tables
 from nanogptoss_jax.training.losses import token_losses
-from tests.reference import (build_reference, random_tokens, reference_state_dict, relative_error,
-                             run_reference)
+from tests.factories import relative_error
+from tests.reference import build_reference, random_tokens, reference_state_dict, run_reference
 
 torch = pytest.importorskip("torch")
 

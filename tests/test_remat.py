@@ -8,19 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanogptoss_jax import GptOss, GptOssConfig
+from nanogptoss_jax import GptOss
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.training.losses import token_losses
-from tests.reference import relative_error
+from tests.factories import random_module, relative_error, tiny_config
 
-CFG = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=97,
-                   hidden_size=32, intermediate_size=24, head_dim=16, num_attention_heads=4,
-                   num_key_value_heads=2, sliding_window=5, rope_scaling_factor=1.0)
+CFG = tiny_config()
 
 
 @functools.cache  # "none" is the reference of both cases: computed once
 def _loss_and_grads(remat):
-  model = GptOss(CFG, execution=ExecutionConfig(remat=remat), rngs=nnx.Rngs(0))
+  model = random_module(GptOss, CFG, execution=ExecutionConfig(remat=remat))
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 41)))
   loss = lambda m: token_losses(m, tokens)[0].mean()
   return nnx.jit(nnx.value_and_grad(loss))(model)

@@ -18,7 +18,7 @@ from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.config_io import config_from_dict
 from nanogptoss_jax.training.losses import token_losses
 from nanogptoss_jax.training.loop import Trainer, train
-from train_helpers import tiny_run
+from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ from nanogptoss_jax.pretrained.load import load_pretrained
 from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.run_config import RunConfig
 from nanogptoss_jax.training.state import abstract_train_state
-from pretrained_helpers import TINY, write_original
+from tests.pretrained_helpers import TINY, write_original
 assert jax.device_count() == 8
 write_original(sys.argv[1])
 out = {}

@@ -15,6 +15,7 @@ from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.sampling.decode import generate
 from nanogptoss_jax.sampling.filters import filter_logits
 from nanogptoss_jax.sampling.text import generate_text
+from tests.factories import random_module
 
 VOCAB = 97
 WINDOW = 8
@@ -32,7 +33,7 @@ def gptoss():
   cfg = GptOssConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=VOCAB,
                      hidden_size=32, intermediate_size=16, head_dim=8, num_attention_heads=4,
                      num_key_value_heads=2, sliding_window=WINDOW, rope_scaling_factor=1.0)
-  return GptOss(cfg, rngs=nnx.Rngs(0))
+  return random_module(GptOss, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_default_stop_tokens_come_from_the_model(gptoss):
   greedy = generate(gptoss, PROMPTS[:1], NEW_TOKENS, temperature=0)[0]
   assert len(greedy) == NEW_TOKENS  # the fixture's config has no stop ids: no ids hard-coded
   # The fixture's weights, with stop ids in the config.
-  model = GptOss(gptoss.cfg.replace(stop_tokens=(greedy[3],)), rngs=nnx.Rngs(0))
+  model = random_module(GptOss, gptoss.cfg.replace(stop_tokens=(greedy[3],)))
   expected = greedy[:greedy.index(greedy[3])]  # up to its first occurrence
   assert generate(model, PROMPTS[:1], NEW_TOKENS, temperature=0) == [expected]
   assert generate(model, PROMPTS[:1], NEW_TOKENS, temperature=0, stop_tokens=[]) == [greedy]

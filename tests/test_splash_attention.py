@@ -11,7 +11,7 @@ import pytest
 from nanogptoss_jax.kernels.splash_attention import padded_length, splash_attention, window_mask
 from nanogptoss_jax.model import choices
 from nanogptoss_jax.model.attention import attend, attention, visible
-from tests.reference import relative_error
+from tests.factories import relative_error
 from tests.test_flash_attention import TOLERANCE, assert_equals_plain, decode_case
 
 # (batch, kv heads, groups, head dim, length, window, sinks): interpret mode compiles each
