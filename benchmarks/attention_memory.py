@@ -15,13 +15,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanogptoss_jax import GptOss
+from nanogptoss_jax.model.gptoss import layer_layout
+from nanogptoss_jax.model.registry import abstract_model
 from nanogptoss_jax.training.config_files import load_config_file
-from nanogptoss_jax.training.step import token_losses
+from nanogptoss_jax.training.losses import token_losses
 
 
-def temp_bytes(cfg, batch: int, length: int) -> int:
-  model = nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0)))
+def temp_bytes(cfg, execution, batch: int, length: int) -> int:
+  model = abstract_model(cfg, execution)
   graphdef, state = nnx.split(model)
 
   def loss(state, tokens):
@@ -43,7 +44,8 @@ def main():
   parser.add_argument("--remat", default="none", help="none, block or matmuls")
   parser.add_argument("--layers-impl", default="auto", help="auto, loop or scan")
   args = parser.parse_args()
-  base = load_config_file(args.config).model.replace(remat=args.remat,
+  run = load_config_file(args.config)
+  base, execution = run.model, run.execution.replace(remat=args.remat,
                                                      layers_impl=args.layers_impl)
   if args.layers:
     base = base.replace(num_hidden_layers=args.layers)
@@ -52,10 +54,10 @@ def main():
       previous = None
       for length in map(int, args.lengths.split(",")):
         start = time.perf_counter()
-        cfg = base.replace(attention_impl=impl, loss_impl=loss_impl)
-        size = temp_bytes(cfg, args.batch, length)
+        options = execution.replace(attention_impl=impl, loss_impl=loss_impl)
+        size = temp_bytes(base, options, args.batch, length)
         growth = f"x{size / previous:.2f}" if previous else ""
-        print(f"layers {cfg.layer_layout} remat {args.remat} attention {impl:8s} loss {loss_impl:8s} B={args.batch} T={length:6d} temp "
+        print(f"layers {layer_layout(base, options)} remat {args.remat} attention {impl:8s} loss {loss_impl:8s} B={args.batch} T={length:6d} temp "
               f"{size / 2**20:10.1f} MiB {growth:6s} compile {time.perf_counter() - start:5.1f} s",
               flush=True)
         previous = size

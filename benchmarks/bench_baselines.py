@@ -49,8 +49,8 @@ SEED = 0
 def bench_config() -> RunConfig:
   """bench-201k in float32 (storage and compute), 256-token sequences."""
   cfg = load_config_file(CONFIG)
-  model = cfg.model.replace(dtype="float32", param_dtype="float32")
-  return dataclasses.replace(cfg, model=model,
+  execution = cfg.execution.replace(dtype="float32", param_dtype="float32")
+  return dataclasses.replace(cfg, execution=execution,
                              train=dataclasses.replace(cfg.train, context_len=CONTEXT_LEN))
 
 
@@ -85,7 +85,7 @@ def ours_train(cfg: RunConfig, tokens: np.ndarray, steps: int) -> tuple[float, f
   """(tokens/s, first step's loss) of our jitted step on tokens [B, T + 1], fresh weights."""
   graphdef, _, tx = abstract_train_state(cfg)
   # Seeded as the weights copied into the reference; donated away by the step, so built here.
-  state = {"state": init_train_state(build_model(cfg.model, SEED), tx)}
+  state = {"state": init_train_state(build_model(cfg.model, SEED, cfg.execution), tx)}
   step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=0)
   batch = jnp.asarray(tokens[None], jnp.int32)  # [accum=1, B, T + 1]
   losses = []
@@ -173,7 +173,7 @@ def main() -> None:
         f"{load_line()}", flush=True)
 
   cfg = bench_config()
-  model = build_model(cfg.model, SEED)
+  model = build_model(cfg.model, SEED, cfg.execution)
   weights = to_torch_state_dict(model)
   print(f"bench-201k: {sum(w.size for w in weights.values()) / 1e6:.1f}M parameters; same "
         "weights in both", flush=True)

@@ -42,13 +42,14 @@ def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
           layers_impl: str | None = None) -> dict:
   cfg = load(name)
   if layers_impl:
-    cfg = dataclasses.replace(cfg, model=cfg.model.replace(layers_impl=layers_impl))
+    cfg = dataclasses.replace(cfg, execution=cfg.execution.replace(layers_impl=layers_impl))
   overrides = {"batch_size": batch_size, "grad_accum": grad_accum}
   overrides = {key: value for key, value in overrides.items() if value}
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
   train = cfg.train
   graphdef, _, tx = abstract_train_state(cfg)
-  state = jax.jit(lambda: init_train_state(build_model(cfg.model, 0), tx))()
+  state = jax.jit(lambda: init_train_state(build_model(cfg.model, 0, cfg.execution), tx,
+                                                      cfg.train.trainable))()
   step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=0)
   rng = np.random.default_rng(0)
   shape = (train.grad_accum, train.batch_size // train.grad_accum, train.context_len + 1)
@@ -80,7 +81,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
   parser.add_argument("--grad-accum", type=int, default=None, help="override train.grad_accum")
-  parser.add_argument("--layers-impl", default=None, help="override model.layers_impl (loop, scan)")
+  parser.add_argument("--layers-impl", default=None, help="override execution.layers_impl (loop, scan)")
   args = parser.parse_args()
   # The peak is measured before and after every config and the highest kept: one measurement
   # taken in a slow minute of a shared machine would understate it and flatter the MFU.

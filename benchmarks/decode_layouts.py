@@ -13,6 +13,7 @@ import time
 from flax import nnx
 
 from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.sampling.decode import generate
 
@@ -28,7 +29,7 @@ def main():
                       num_attention_heads=8, num_key_value_heads=2, num_experts=8,
                       experts_per_token=2, intermediate_size=2 * args.width, vocab_size=4096,
                       sliding_window=128, rope_scaling_factor=1.0)
-  models = {impl: GptOss(base.replace(layers_impl=impl), rngs=nnx.Rngs(0))
+  models = {impl: GptOss(base, execution=ExecutionConfig(layers_impl=impl), rngs=nnx.Rngs(0))
             for impl in ("loop", "scan")}
   prompt = [[1, 2, 3]]
   outputs = {impl: generate(m, prompt, args.tokens, temperature=0.0)  # compiles

@@ -16,13 +16,14 @@ from flax import nnx
 
 from nanogptoss_jax.model import mxfp4
 from nanogptoss_jax.model.config import GPT_OSS_20B
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.moe import MoE
 
 
-def build(cfg, blocks_and_scales, float_dtype):
-  moe = MoE(cfg, rngs=nnx.Rngs(0))
+def build(cfg, execution, blocks_and_scales, float_dtype):
+  moe = MoE(cfg, execution=execution, rngs=nnx.Rngs(0))
   (b1, s1), (b2, s2) = blocks_and_scales
-  if cfg.expert_format == "mxfp4":
+  if execution.expert_format == "mxfp4":
     moe.mlp1_blocks.set_value(b1), moe.mlp1_scales.set_value(s1)
     moe.mlp2_blocks.set_value(b2), moe.mlp2_scales.set_value(s2)
   else:
@@ -54,7 +55,8 @@ def main():
   args = parse.parse_args()
   on_cpu = jax.default_backend() == "cpu"
   float_dtype = "float32" if on_cpu else "bfloat16"
-  base = GPT_OSS_20B.replace(num_hidden_layers=1, dtype=float_dtype, param_dtype=float_dtype)
+  base = GPT_OSS_20B.replace(num_hidden_layers=1)
+  execution = ExecutionConfig(dtype=float_dtype, param_dtype=float_dtype)
   d, f, e, c = base.hidden_size, base.intermediate_size, base.num_experts, base.experts_per_token
   rng = np.random.default_rng(0)
   weights = (random_mxfp4(rng, e, 2 * f, d), random_mxfp4(rng, e, d, f))
@@ -73,7 +75,7 @@ def main():
     # Experts a decode step touches: distinct picks, at most batch * C.
     touched = min(e, batch * c)
     for name, changes in variants:
-      moe = build(base.replace(**changes), weights, float_dtype)
+      moe = build(base, execution.replace(**changes), weights, float_dtype)
       graphdef, state = nnx.split(moe)
       # Weights as arguments, not captured constants (which XLA would fold at compile time).
       fn = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x)[0])

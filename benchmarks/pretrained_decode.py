@@ -16,20 +16,21 @@ from flax import nnx
 from benchmarks.mxfp4_moe import random_mxfp4
 from nanogptoss_jax.model import mxfp4
 from nanogptoss_jax.model.config import GPT_OSS_20B
+from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.sampling.decode import generate
 
 
-def build(cfg, experts):
-  model = GptOss(cfg, rngs=nnx.Rngs(0))
+def build(cfg, execution, experts):
+  model = GptOss(cfg, execution=execution, rngs=nnx.Rngs(0))
   for block, ((b1, s1), (b2, s2)) in zip(model.blocks, experts):
     moe = block.mlp
-    if cfg.expert_format == "mxfp4":
+    if execution.expert_format == "mxfp4":
       moe.mlp1_blocks.set_value(b1), moe.mlp1_scales.set_value(s1)
       moe.mlp2_blocks.set_value(b2), moe.mlp2_scales.set_value(s2)
     else:  # stored [E, out, in]; our float layout is [E, in, out]
-      moe.mlp1_weight.set_value(mxfp4.decode(b1, s1, cfg.dtype).swapaxes(-1, -2))
-      moe.mlp2_weight.set_value(mxfp4.decode(b2, s2, cfg.dtype).swapaxes(-1, -2))
+      moe.mlp1_weight.set_value(mxfp4.decode(b1, s1, execution.dtype).swapaxes(-1, -2))
+      moe.mlp2_weight.set_value(mxfp4.decode(b2, s2, execution.dtype).swapaxes(-1, -2))
   return model
 
 
@@ -44,7 +45,9 @@ def main():
   parse.add_argument("--new-tokens", type=int, default=32)
   args = parse.parse_args()
   dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  base = GPT_OSS_20B.replace(num_hidden_layers=args.layers, dtype=dtype, param_dtype=dtype)
+  base = GPT_OSS_20B.replace(num_hidden_layers=args.layers)
+  # The loop layout: blocks are set one by one below.
+  execution = ExecutionConfig(dtype=dtype, param_dtype=dtype, layers_impl="loop")
   d, f, e = base.hidden_size, base.intermediate_size, base.num_experts
   rng = np.random.default_rng(0)
   experts = [(random_mxfp4(rng, e, 2 * f, d), random_mxfp4(rng, e, d, f))
@@ -54,7 +57,7 @@ def main():
         f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy")
   outputs = {}
   for mode, expert_format in (("keep", "mxfp4"), ("dequantize", "float")):
-    model = build(base.replace(expert_format=expert_format), experts)
+    model = build(base, execution.replace(expert_format=expert_format), experts)
     generate(model, prompt, args.new_tokens, temperature=0.0)  # compiles
     start = time.perf_counter()
     outputs[mode] = generate(model, prompt, args.new_tokens, temperature=0.0)
