@@ -84,25 +84,29 @@ def exchanged_experts(t, top_experts, top_weights, weights, *, activation: Calla
                        out_specs=(rows, rows))(t, top_experts, top_weights, *weights)
 
 
-def replicated_experts(t, top_experts, top_weights, weights, *, expert_fn: Callable,
-                       expert_axes: tuple[str, ...]):
+def replicated_experts(t, top_experts, top_weights, weights, *, activation: Callable,
+                       matmul: Callable, expert_axes: tuple[str, ...]):
   """t [1, M, D] and routing [1, M, C] on every device, the experts split over `expert_axes`:
-  each device applies `expert_fn` (a dispatch of model.moe) to its own experts, the others'
-  assignments weighted 0, and the partial outputs are summed -> [1, M, D] float32."""
+  each device runs every token through its own experts, weighted by the router where the
+  token chose them (0 elsewhere), and the partial outputs are summed -> [1, M, D] float32.
+
+  Dense over the local experts: a decode step's few tokens cost E/X expert reads per device
+  either way, and the shapes stay static."""
   experts = P(expert_axes)
 
   def part(t, top_experts, top_weights, w1, b1, w2, b2):
     # The tokens as varying over the expert axes like the weights (see exchanged_experts).
-    t, top_experts, top_weights = jax.lax.pcast((t, top_experts, top_weights), expert_axes,
-                                                to="varying")
+    t, top_experts, top_weights = jax.lax.pcast((t[0], top_experts[0], top_weights[0]),
+                                                expert_axes, to="varying")
     local = w1.shape[0]
     index = jax.lax.axis_index(expert_axes)  # row-major over the axes, as P(expert_axes) splits
-    mine = top_experts - index * local
-    here = (mine >= 0) & (mine < local)
-    # Another device's assignment becomes a zero-weight one of local expert 0: the shapes stay
-    # static and it adds nothing.
-    out = expert_fn(t[0], jnp.where(here, mine, 0), jnp.where(here, top_weights, 0),
-                    (w1, b1, w2, b2))
+    # one_hot of another device's expert (out of [0, E/X)) is all zeros: it adds nothing.
+    mine = jax.nn.one_hot(top_experts - index * local, local, dtype=jnp.float32)  # [M, C, E/X]
+    gates = jnp.einsum("mce,mc->me", mine, top_weights)  # [M, E/X]
+    x = jnp.broadcast_to(t, (local, *t.shape))  # [E/X, M, D]
+    h = matmul(x, w1) + b1[:, None]  # [E/X, M, 2F]
+    y = matmul(activation(h), w2) + b2[:, None]  # [E/X, M, D]
+    out = jnp.einsum("emd,me->md", y.astype(jnp.float32), gates)
     return jax.lax.psum(out, expert_axes)[None]
 
   return jax.shard_map(part, in_specs=(P(), P(), P()) + (experts,) * 4,

@@ -35,18 +35,18 @@ def expert_mode(mesh, groups: int, num_experts: int) -> tuple[str, tuple[str, ..
   return None
 
 
-def parallel_experts(mode, moe: nnx.Module, impl: str, expert_fn, t, top_experts, top_weights,
-                     options: dict):
+def parallel_experts(mode, moe: nnx.Module, t, top_experts, top_weights, options: dict):
   """The MoE's expert outputs [P, M, D] float32 (and dropped assignments [P], or None) for
   tokens t [P, M, D] routed to top_experts / top_weights [P, M, C]."""
   kind, axes = mode
   weights = moe.expert_weights("dense", t.shape[1])  # float matrices, split on E as stored
+  compute = dict(activation=options["activation"],
+                 matmul=options.get("matmul", jax.numpy.matmul))
   if kind == EXCHANGE:
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in _shape(jax.sharding.get_abstract_mesh()))
+    mesh = _shape(jax.sharding.get_abstract_mesh())
     return expert_parallel.exchanged_experts(
-        t, top_experts, top_weights, weights, activation=options["activation"],
-        matmul=options.get("matmul", jax.numpy.matmul), batch_axes=batch_axes,
-        expert_axis=axes[0], capacity_factor=moe.execution.expert_capacity)
-  del impl
-  return expert_parallel.replicated_experts(t, top_experts, top_weights, weights,
-                                            expert_fn=expert_fn, expert_axes=axes), None
+        t, top_experts, top_weights, weights, **compute,
+        batch_axes=tuple(axis for axis in BATCH_AXES if axis in mesh), expert_axis=axes[0],
+        capacity_factor=moe.execution.expert_capacity)
+  return expert_parallel.replicated_experts(t, top_experts, top_weights, weights, **compute,
+                                            expert_axes=axes), None

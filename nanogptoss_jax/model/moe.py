@@ -122,8 +122,8 @@ class MoE(nnx.Module):
     mode = expert_mode(jax.sharding.get_abstract_mesh(), groups, self.cfg.num_experts)
     dropped = None
     if mode is not None:
-      out, dropped = parallel_experts(mode, self, impl, expert_fn, t.astype(self.dtype),
-                                      top_experts, top_weights, options)
+      out, dropped = parallel_experts(mode, self, t.astype(self.dtype), top_experts,
+                                      top_weights, options)
     else:
       weights = self.expert_weights(impl, t.shape[1])
       weight_axis = None

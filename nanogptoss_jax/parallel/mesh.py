@@ -1,10 +1,11 @@
 """The device mesh an execution config asks for: (data, fsdp, expert, tensor) over every device
 of every process."""
 
+import contextlib
 import math
 
 import jax
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model.execution import ExecutionConfig
@@ -35,3 +36,19 @@ def batch_shards(mesh: Mesh | None) -> int:
   if mesh is None:
     return 1
   return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+
+
+def mesh_of(tree) -> Mesh | None:
+  """The mesh the arrays of `tree` (a model's state) are placed on; None for one device."""
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+      return sharding.mesh
+  return None
+
+
+def traced_on(tree):
+  """A context to call a jitted program over `tree` in: it is traced under the arrays' mesh,
+  which the MoE reads to run its experts where they lie (model/expert_parallel.py)."""
+  mesh = mesh_of(tree)
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)

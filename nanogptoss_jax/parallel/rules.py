@@ -95,3 +95,17 @@ def model_shardings(mesh: Mesh, model, tree=None):
   """`tree_shardings` of `tree` (default: the model's state) by `model`'s own logical names."""
   return tree_shardings(mesh, nnx.state(model) if tree is None else tree,
                         axes.axes_by_path(model))
+
+
+def device_bytes(model, mesh_shape: Mapping[str, int]) -> int:
+  """Bytes of `model`'s parameters (abstract or not) that one device holds under the rules on a
+  mesh of `mesh_shape` (the largest share: every device holds the same here)."""
+  table, total = axes.axes_by_path(model), 0
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = variable.get_value()
+    shape, logical = tuple(value.shape), table.get(tuple(path))
+    spec = param_spec(logical, shape, mesh_shape) if logical else P()
+    parts = math.prod(math.prod(mesh_shape[a] for a in ((s,) if isinstance(s, str) else s))
+                      for s in spec if s is not None)
+    total += math.prod(shape) * value.dtype.itemsize // parts
+  return total
