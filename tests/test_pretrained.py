@@ -130,7 +130,7 @@ def test_published_sizes_fit_with_keep():
   assert 13.0 < sizes["20b"] <= 14.0 and 64.0 < sizes["120b"] <= 66.0, sizes
 
 
-# Loads in a child with 8 forced host devices: the default mesh (8 x fsdp) and an explicit
+# Loads in a child with 8 forced host devices: the default mesh (8 x tensor) and an explicit
 # 2 x 4 (data, fsdp) one. Writes, per mesh, an expert tensor's spec and shard shapes, and logits.
 MESH_CHILD = """
 import json, sys
@@ -151,7 +151,7 @@ json.dump(seen, open(f"{out}.json", "w"))
 """
 
 
-def test_mesh_load_shards_over_fsdp_and_matches_one_device(original_dir, loaded, tmp_path):
+def test_mesh_load_shards_by_the_rules_and_matches_one_device(original_dir, loaded, tmp_path):
   import subprocess
   import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,12 +164,13 @@ def test_mesh_load_shards_over_fsdp_and_matches_one_device(original_dir, loaded,
   assert result.returncode == 0, result.stderr[-3000:]
   seen = json.load(open(tmp_path / "logits.json"))
   blocks_shape = tuple(loaded["keep"].blocks[0].mlp.mlp1_blocks[...].shape)
-  # [E, 2F, D/32, 16] with E = 4: split over 8 devices along 2F (its first axis divisible by
-  # 8), over the explicit mesh's 4 fsdp devices along E, replicated over its data axis.
-  for tag, fsdp in (("default", 8), ("explicit", 4)):
+  # [E, 2F, D/32, 16] with E = 4: the default mesh puts the 8 devices on the tensor axis, which
+  # splits experts only 8 at a time, so these stay whole; the explicit mesh's 4 fsdp devices
+  # split 2F (the experts are fsdp's to split no more), replicated over its data axis.
+  for tag, axis, split in (("default", None, 1), ("explicit", "fsdp", 4)):
     spec, shards = seen[tag]["spec"], seen[tag]["shards"]
-    assert "fsdp" in spec and len(shards) == 8, seen[tag]
-    assert all(np.prod(s) * fsdp == np.prod(blocks_shape) for s in shards), seen[tag]
+    assert (axis in spec if axis else set(spec) == {"None"}) and len(shards) == 8, seen[tag]
+    assert all(np.prod(s) * split == np.prod(blocks_shape) for s in shards), seen[tag]
     ours = np.load(tmp_path / f"logits-{tag}.npy")
     single = np.asarray(loaded["keep"](jnp.asarray(TOKENS)))
     # Only the order of the sharded sums differs: float32 rounding, not a different model.

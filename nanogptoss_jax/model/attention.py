@@ -65,14 +65,17 @@ def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", platform
   skips key blocks that no query of a block can see.
   """
   impl = choices.attention_impl(impl, q.shape[1], k.shape[2], in_order, platform)
+  # A Pallas kernel runs compiled only on its own platform, the target's (not the backend this
+  # process traces on: a program lowered here for a TPU must hold the Mosaic kernel).
+  target = choices.target_platform(platform)
   if impl == "plain":
     return attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks)
   if impl == "pallas":
     return pallas_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
-                            in_order=in_order)
+                            in_order=in_order, interpret=target != "gpu")
   if impl == "splash":
     return splash_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
-                            in_order=in_order)
+                            in_order=in_order, interpret=target != "tpu")
   if impl == "flash":
     return flash_attention(q, k, v, q_pos, k_pos, window=window, sinks=sinks, visible=visible,
                            in_order=in_order)

@@ -37,6 +37,15 @@ class ExecutionConfig:
   layers_impl: str = "auto"  # choices.LAYERS_IMPLS: blocks in a Python loop or scanned
   platform: str = "auto"  # the platform `auto` choices are made for
   fsdp: int = 1  # size of the mesh's fsdp axis; the data axis takes the remaining devices
+  # Expert parallelism: the mesh's expert axis splits the experts (E) of every MoE layer, and
+  # tokens travel to their experts' devices (kernels/expert_parallel.py); like data, it also
+  # splits the batch elsewhere in the model.
+  expert: int = 1
+  tensor: int = 1  # the mesh's tensor axis: attention heads, vocabulary (and experts) split
+  # Per-expert slots for the tokens one device sends one expert, as a multiple of the even
+  # share (assignments / experts); 0 is dropless (a slot for every token). Assignments past
+  # the slots are dropped and counted (metric `expert_dropped`).
+  expert_capacity: float = 0.0
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
@@ -49,8 +58,13 @@ class ExecutionConfig:
                           ("remat", choices.REMAT_POLICIES), ("layers_impl", choices.LAYERS_IMPLS),
                           ("platform", PLATFORMS)):
       _require(getattr(self, name) in allowed, name, allowed, getattr(self, name))
-    if not (isinstance(self.fsdp, int) and not isinstance(self.fsdp, bool) and self.fsdp > 0):
-      raise ConfigError(f"fsdp must be a positive integer (got {self.fsdp!r})")
+    for name in ("fsdp", "expert", "tensor"):
+      size = getattr(self, name)
+      if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise ConfigError(f"{name} must be a positive integer (got {size!r})")
+    if not (isinstance(self.expert_capacity, (int, float)) and self.expert_capacity >= 0):
+      raise ConfigError(f"expert_capacity must be a number >= 0 (0: dropless) "
+                        f"(got {self.expert_capacity!r})")
 
   @property
   def compute_dtype(self):
@@ -69,6 +83,12 @@ def _require(ok: bool, field: str, allowed, value) -> None:
     raise ConfigError(f"{field} must be one of {allowed} (got {value!r})")
 
 
+# The device mesh's axes (parallel/mesh.py), and those a batch is split over: every one but
+# tensor, whose devices share their tokens and split the heads instead.
+DATA, FSDP, EXPERT, TENSOR = "data", "fsdp", "expert", "tensor"
+MESH_AXES = (DATA, FSDP, EXPERT, TENSOR)
+BATCH_AXES = (DATA, FSDP, EXPERT)
+
 # The fields that moved here from the architecture configs: configs saved before name them
-# under `model`, and `config_io` moves them (with `train.fsdp`) into `execution`.
+# under `model`, and `config_io` moves them (with `train.fsdp` and `train.expert`) into `execution`.
 FIELDS = tuple(field.name for field in dataclasses.fields(ExecutionConfig))

@@ -16,6 +16,7 @@ from nanogptoss_jax.kernels import moe_dispatch
 from nanogptoss_jax.model import axes, choices, mxfp4
 from nanogptoss_jax.model.config import ConfigError, GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
+from nanogptoss_jax.model.expert_parallel import expert_mode, parallel_experts
 from nanogptoss_jax.model.layers import RMSNorm, linear, matmul_for, normal_init, residual_init
 
 SWIGLU_ALPHA = 1.702
@@ -116,16 +117,26 @@ class MoE(nnx.Module):
     if impl != "ragged":
       options["matmul"] = matmul_for(self.execution.matmul_impl)
     expert_fn = functools.partial(EXPERT_FUNCTIONS[impl], **options)
-    weights = self.expert_weights(impl, t.shape[1])
-    weight_axis = None
-    if impl == "ragged":
-      # ragged_dot's batching rule wants every operand batched along axis 0.
-      weights = tuple(jnp.broadcast_to(w, (groups, *w.shape)) for w in weights)
-      weight_axis = 0
-    out = jax.vmap(expert_fn, in_axes=(0, 0, 0, weight_axis))(
-        t.astype(self.dtype), top_experts, top_weights, weights)  # [P, M, D]
+    # On a mesh with an expert (or tensor) axis the experts are split over devices and tokens
+    # travel to them (model/expert_parallel.py); elsewhere every group sees every expert.
+    mode = expert_mode(jax.sharding.get_abstract_mesh(), groups, self.cfg.num_experts)
+    dropped = None
+    if mode is not None:
+      out, dropped = parallel_experts(mode, self, t.astype(self.dtype), top_experts,
+                                      top_weights, options)
+    else:
+      weights = self.expert_weights(impl, t.shape[1])
+      weight_axis = None
+      if impl == "ragged":
+        # ragged_dot's batching rule wants every operand batched along axis 0.
+        weights = tuple(jnp.broadcast_to(w, (groups, *w.shape)) for w in weights)
+        weight_axis = 0
+      out = jax.vmap(expert_fn, in_axes=(0, 0, 0, weight_axis))(
+          t.astype(self.dtype), top_experts, top_weights, weights)  # [P, M, D]
     num_experts, per_token = logits.shape[-1], top_experts.shape[-1]
     stats = router_stats(logits.reshape(-1, num_experts), top_experts.reshape(-1, per_token))
+    if dropped is not None:
+      stats["expert_dropped"] = dropped.sum() / top_experts.size  # fraction of assignments
     return out.reshape(batch, length, hidden).astype(x.dtype), stats
 
   def expert_weights(self, impl: str, tokens: int) -> tuple:

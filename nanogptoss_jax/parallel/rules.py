@@ -3,6 +3,7 @@
 weights through `param_spec`, so a model gets one layout whoever builds it.
 """
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -10,20 +11,22 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nanogptoss_jax.model import axes
+from nanogptoss_jax.model.execution import BATCH_AXES, DATA, EXPERT, FSDP, MESH_AXES, TENSOR
 
-DATA, FSDP = "data", "fsdp"
-BATCH_AXES = (DATA, FSDP)  # a batch's leading axis is split over both
+__all__ = ["BATCH_AXES", "DATA", "EXPERT", "FSDP", "MESH_AXES", "TENSOR", "RULES", "param_spec"]
 
 # Logical axis -> the mesh axes that may split it. FSDP (ZeRO-3) splits one large axis of every
-# weight; stacked layers are never split (a scan visits them one at a time), nor are norms,
-# router logits or MXFP4's packed bytes.
+# weight; EXPERT splits the experts (the MoE then sends tokens to them); TENSOR splits attention
+# heads, the vocabulary and the experts, so an inference mesh leaves no weight whole on any
+# device and a decode step gathers none. Stacked layers are never split (a scan visits them one
+# at a time), nor are norms, router logits or MXFP4's packed bytes.
 RULES: Mapping[str, tuple[str, ...]] = {
-    axes.VOCAB: (FSDP,),
+    axes.VOCAB: (TENSOR, FSDP),
     axes.EMBED: (FSDP,),
     axes.POSITIONS: (FSDP,),
-    axes.QKV: (FSDP,),
-    axes.Q_HEADS: (FSDP,),
-    axes.EXPERTS: (FSDP,),
+    axes.QKV: (TENSOR, FSDP),
+    axes.Q_HEADS: (TENSOR, FSDP),
+    axes.EXPERTS: (EXPERT, TENSOR),
     axes.EXPERT_MLP: (FSDP,),
     axes.MLP: (FSDP,),
     axes.LAYERS: (),
@@ -33,19 +36,29 @@ RULES: Mapping[str, tuple[str, ...]] = {
 }
 
 
+# The order mesh axes choose in: the experts' and heads' own axes before fsdp's largest-axis rule.
+PRIORITY = (EXPERT, TENSOR, FSDP, DATA)
+
+
 def param_spec(logical: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str, int]) -> P:
-  """The PartitionSpec of one array: each mesh axis (size > 1) splits the largest array axis
-  whose logical name the rules let it split and whose length it divides; one mesh axis per
-  array axis, each at most once."""
-  spec = [None] * len(shape)
-  for mesh_axis, size in mesh_shape.items():
+  """The PartitionSpec of one array: each mesh axis (size > 1, in PRIORITY order) splits the
+  largest array axis not yet split whose logical name the rules let it split and whose length
+  it divides; with none left, it joins an axis already split if it divides the rest (experts
+  over expert x tensor). Each mesh axis at most once."""
+  spec: list[tuple[str, ...]] = [()] * len(shape)
+  order = sorted(mesh_shape, key=lambda a: PRIORITY.index(a) if a in PRIORITY else len(PRIORITY))
+  for mesh_axis in order:
+    size = mesh_shape[mesh_axis]
     if size == 1:
       continue
-    candidates = [i for i, name in enumerate(logical)
-                  if spec[i] is None and mesh_axis in RULES.get(name, ()) and shape[i] % size == 0]
+    split = [math.prod(mesh_shape[a] for a in spec[i]) for i in range(len(shape))]
+    allowed = [i for i, name in enumerate(logical)
+               if mesh_axis in RULES.get(name, ()) and shape[i] % (split[i] * size) == 0]
+    candidates = [i for i in allowed if not spec[i]] or allowed
     if candidates:
-      spec[max(candidates, key=lambda i: (shape[i], -i))] = mesh_axis
-  return P(*spec)
+      best = max(candidates, key=lambda i: (shape[i], -i))
+      spec[best] = (*spec[best], mesh_axis)
+  return P(*(None if not axes_ else axes_[0] if len(axes_) == 1 else axes_ for axes_ in spec))
 
 
 def _names(path) -> tuple:
@@ -82,3 +95,17 @@ def model_shardings(mesh: Mesh, model, tree=None):
   """`tree_shardings` of `tree` (default: the model's state) by `model`'s own logical names."""
   return tree_shardings(mesh, nnx.state(model) if tree is None else tree,
                         axes.axes_by_path(model))
+
+
+def device_bytes(model, mesh_shape: Mapping[str, int]) -> int:
+  """Bytes of `model`'s parameters (abstract or not) that one device holds under the rules on a
+  mesh of `mesh_shape` (the largest share: every device holds the same here)."""
+  table, total = axes.axes_by_path(model), 0
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = variable.get_value()
+    shape, logical = tuple(value.shape), table.get(tuple(path))
+    spec = param_spec(logical, shape, mesh_shape) if logical else P()
+    parts = math.prod(math.prod(mesh_shape[a] for a in ((s,) if isinstance(s, str) else s))
+                      for s in spec if s is not None)
+    total += math.prod(shape) * value.dtype.itemsize // parts
+  return total

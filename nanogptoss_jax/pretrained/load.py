@@ -36,13 +36,15 @@ def default_dtype() -> str:
 
 
 def default_mesh(execution: ExecutionConfig):
-  """The execution config's mesh over the local devices (every device on fsdp when it asks
-  for no split: a published model is large), or None for a single device."""
+  """The execution config's mesh over the local devices, or None for a single device. When it
+  asks for no split, every device goes on the tensor axis: heads, vocabulary and experts are
+  split (a published model is large), and decoding moves activations, never weights."""
   devices = jax.local_devices()
   if len(devices) == 1:
     return None
-  fsdp = execution.fsdp if execution.fsdp > 1 else len(devices)
-  return make_mesh(execution.replace(fsdp=fsdp), devices)
+  if execution.fsdp == execution.expert == execution.tensor == 1:
+    execution = execution.replace(tensor=len(devices))
+  return make_mesh(execution, devices)
 
 
 def _sharding(mesh, logical: tuple, shape: tuple[int, ...]):

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from nanogptoss_jax.model.kv_cache import LayerCache
+from nanogptoss_jax.parallel.mesh import traced_on
 from nanogptoss_jax.sampling.filters import SamplerSettings, sample_tokens
 
 MIN_PROMPT_BUCKET = 16  # prefill lengths are powers of two from here, so few shapes compile
@@ -187,28 +188,30 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   tokens, positions = prefill_rows(prompts, batch, bucket)
 
   graphdef, params = nnx.split(model)
-  cache = _prefill_jit(graphdef, params, tokens, positions, cache_length=cache_length)
-  state = DecodeState(
-      cache=cache, token=jnp.asarray([prompt[-1] for prompt in prompts], jnp.int32),
-      position=jnp.asarray(lengths - 1, jnp.int32), done=jnp.zeros((batch,), bool),
-      step=jnp.zeros((), jnp.int32),
-      output=jnp.full((batch, _round_up(max_new_tokens, OUTPUT_LENGTH_MULTIPLE)), NO_TOKEN,
-                      jnp.int32),
-      key=jax.random.key(seed))
-  # Sampler values are traced, so changing them (or which ids stop) compiles nothing new.
-  decode = partial(_decode_jit, graphdef, params, settings=settings)
-  temperature = jnp.float32(temperature if temperature > 0 else 1.0)  # unused when greedy
-  top_p = jnp.float32(1.0 if top_p is None else top_p)
-  # Padded with NO_TOKEN, which only finished rows "draw", and they are already done.
-  slots = max(MIN_STOP_SLOTS, 1 << max(len(stop) - 1, 0).bit_length())
-  stop_array = jnp.asarray(stop + (NO_TOKEN,) * (slots - len(stop)), jnp.int32)  # [slots]
-  if callback is None:
-    state = decode(state, max_new_tokens, temperature, top_p, stop_array)
-    output = np.asarray(state.output)
-  else:
-    # Positional arguments only: jit keys its cache on how arguments are passed, too.
-    output = _stream(lambda state, limit: decode(state, limit, temperature, top_p, stop_array),
-                     state, max_new_tokens, stop, callback)
+  # Traced under the model's mesh: the MoE then runs its experts where they lie.
+  with traced_on(params):
+    cache = _prefill_jit(graphdef, params, tokens, positions, cache_length=cache_length)
+    state = DecodeState(
+        cache=cache, token=jnp.asarray([prompt[-1] for prompt in prompts], jnp.int32),
+        position=jnp.asarray(lengths - 1, jnp.int32), done=jnp.zeros((batch,), bool),
+        step=jnp.zeros((), jnp.int32),
+        output=jnp.full((batch, _round_up(max_new_tokens, OUTPUT_LENGTH_MULTIPLE)), NO_TOKEN,
+                        jnp.int32),
+        key=jax.random.key(seed))
+    # Sampler values are traced, so changing them (or which ids stop) compiles nothing new.
+    decode = partial(_decode_jit, graphdef, params, settings=settings)
+    temperature = jnp.float32(temperature if temperature > 0 else 1.0)  # unused when greedy
+    top_p = jnp.float32(1.0 if top_p is None else top_p)
+    # Padded with NO_TOKEN, which only finished rows "draw", and they are already done.
+    slots = max(MIN_STOP_SLOTS, 1 << max(len(stop) - 1, 0).bit_length())
+    stop_array = jnp.asarray(stop + (NO_TOKEN,) * (slots - len(stop)), jnp.int32)  # [slots]
+    if callback is None:
+      state = decode(state, max_new_tokens, temperature, top_p, stop_array)
+      output = np.asarray(state.output)
+    else:
+      # Positional arguments only: jit keys its cache on how arguments are passed, too.
+      output = _stream(lambda state, limit: decode(state, limit, temperature, top_p, stop_array),
+                       state, max_new_tokens, stop, callback)
   return [_trim(row, stop) for row in output]
 
 

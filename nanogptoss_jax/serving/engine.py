@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.parallel.mesh import traced_on
 from nanogptoss_jax.sampling.decode import PADDING_POSITION
 from nanogptoss_jax.sampling.filters import SamplerSettings, sample_tokens
 from nanogptoss_jax.serving import prefill
@@ -177,7 +178,10 @@ class Engine:
 
   def _loop(self) -> None:
     try:
-      self._serve()
+      # Every program of the engine is traced under the model's mesh (its experts and heads
+      # stay where they lie, model/expert_parallel.py); the mesh context is this thread's.
+      with traced_on(self.params):
+        self._serve()
       self._release_warm_ups()
     except Exception:  # noqa: BLE001 - no request may wait forever on a dead engine
       logging.exception("the engine stopped")

@@ -101,8 +101,9 @@ def _with_execution_section(d: dict[str, Any]) -> dict[str, Any]:
     return d
   model, train = dict(d.get("model", {})), dict(d.get("train", {}))
   moved = {name: model.pop(name) for name in execution.FIELDS if name in model}
-  if "fsdp" in train:
-    moved["fsdp"] = train.pop("fsdp")
+  for name in ("fsdp", "expert"):  # mesh sizes once named under `train`
+    if name in train:
+      moved[name] = train.pop(name)
   return {**d, "model": model, "train": train, "execution": moved}
 
 

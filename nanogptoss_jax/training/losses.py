@@ -54,8 +54,11 @@ def with_moe_aux(loss: jax.Array, aux: dict, cfg) -> tuple[jax.Array, dict]:
   # Mean over layers: the coefficients then mean the same thing at every depth.
   balance, z_loss = aux["load_balance_loss"].mean(), aux["router_z_loss"].mean()
   total = loss + cfg.train.load_balance_coef * balance + cfg.train.router_z_coef * z_loss
-  return total, {"load_balance_loss": balance, "router_z_loss": z_loss,
-                 "expert_load": aux["expert_load"]}  # [L, E]
+  metrics = {"load_balance_loss": balance, "router_z_loss": z_loss,
+             "expert_load": aux["expert_load"]}  # [L, E]
+  if "expert_dropped" in aux:  # expert parallelism with a capacity: assignments dropped
+    metrics["expert_dropped"] = aux["expert_dropped"].mean()
+  return total, metrics
 
 
 def next_token_loss(model, batch: dict, cfg, moe_groups: int = 1) -> tuple[jax.Array, dict]:

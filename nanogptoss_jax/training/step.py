@@ -52,7 +52,19 @@ def make_train_step(graphdef, cfg: RunConfig, tx: optax.GradientTransformation, 
     return TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state,
                       frozen=state.frozen), metrics
 
-  return train_step
+  return on_mesh(train_step, mesh)
+
+
+def on_mesh(fn: Callable, mesh) -> Callable:
+  """`fn` traced under `mesh` (the MoE reads it to split experts over devices)."""
+  if mesh is None:
+    return fn
+
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
 
 
 def make_eval_step(graphdef, mesh=None) -> Callable:
@@ -67,4 +79,4 @@ def make_eval_step(graphdef, mesh=None) -> Callable:
     losses, _ = token_losses(model, batch, groups)
     return losses.sum(), counted(batch)
 
-  return eval_step
+  return on_mesh(eval_step, mesh)
