@@ -85,6 +85,7 @@ def add_lora(model: GptOss, lora: LoraConfig, *, seed: int = 0) -> GptOss:
     raise ConfigError(f"add_lora needs a GPT-OSS model, got {type(model).__name__}")
   if has_lora(model):
     raise ConfigError("add_lora: the model has adapters already (merge_lora folds them in)")
+  model.lora_config = lora  # static: what save_adapter writes and merge_lora checks
   rngs = nnx.Rngs(seed)
   dtype = jnp.dtype(model.execution.param_dtype)
   shapes = _shapes(model.cfg)
