@@ -64,6 +64,6 @@ def dense_weights(base_flat: dict, adapters: dict, scale: float, cfg=CFG) -> dic
     _, weight, part = targets[path[-2]]
     weight_path = (*path[:owner_at + 1], *weight)
     delta = scale * jnp.matmul(a, b, precision="highest")  # [.., in, out]
-    w = out[weight_path]
+    w = jnp.asarray(out[weight_path])
     out[weight_path] = w + delta if part is None else w.at[..., part].add(delta)
   return out

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from nanogptoss_jax.data.tokenizer import FullTokenizer
+from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.interop.peft_adapter import AdapterError, load_adapter, save_adapter
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
@@ -90,3 +91,5 @@ def test_an_adapter_that_does_not_fit_is_one_line(tmp_path):
     load_adapter(_base(cfg=other), str(tmp_path))
   with pytest.raises(AdapterError, match="not a PEFT adapter"):
     load_adapter(_base(), str(tmp_path / "nothing"))
+  with pytest.raises(UserError, match="merge_lora"):
+    save_pretrained(model, FullTokenizer(), str(tmp_path / "export"))
