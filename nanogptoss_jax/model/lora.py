@@ -87,7 +87,7 @@ def add_lora(model: GptOss, lora: LoraConfig, *, seed: int = 0) -> GptOss:
     raise ConfigError("add_lora: the model has adapters already (merge_lora folds them in)")
   model.lora_config = lora  # static: what save_adapter writes and merge_lora checks
   rngs = nnx.Rngs(seed)
-  dtype = jnp.dtype(model.execution.param_dtype)
+  dtype = jnp.float32  # adapters train in float32 whatever the base stores (as PEFT autocasts)
   shapes = _shapes(model.cfg)
   for block, count in _block_groups(model):
     for target in lora.targets:
