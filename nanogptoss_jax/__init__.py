@@ -17,6 +17,8 @@ _EXPORTS = {
     "load_checkpoint": "training.weights",
     "load_pretrained": "pretrained.load", "save_pretrained": "pretrained.export",
     "quantize": "model.quantize",
+    "LoraConfig": "model.lora", "add_lora": "model.lora", "merge_lora": "model.lora_merge",
+    "save_adapter": "interop.peft_adapter", "load_adapter": "interop.peft_adapter",
     "UserError": "errors",
     "render_chat": "chat.harmony", "parse_chat": "chat.harmony",
 }

@@ -79,8 +79,8 @@ def test_unknown_key_lists_the_valid_keys(run):
   assert str(error.value) == (
       "unknown key 'optim.lrr'; valid keys under 'optim': beta1, beta2, eps, grad_clip, lr, "
       "min_lr, warmup_steps, weight_decay")
-  with pytest.raises(ConfigOverrideError, match="valid keys at the top level: data, execution, model, optim, "
-                     "run_dir, train"):
+  with pytest.raises(ConfigOverrideError, match="valid keys at the top level: data, execution, "
+                     "lora, model, optim, run_dir, train"):
     apply_overrides(run, {"lr": "1e-3"})
   with pytest.raises(ConfigOverrideError, match="'optim.lr' is a value, not a sub-config"):
     apply_overrides(run, {"optim.lr.x": "1"})

@@ -45,6 +45,17 @@ def _take_rows_backward(readers, upstream):
 take_rows.defvjp(_take_rows_forward, _take_rows_backward)
 
 
+def with_update(y: jax.Array, x: jax.Array, a: jax.Array | None, b: jax.Array | None,
+                matmul: Callable = jnp.matmul) -> jax.Array:
+  """y + x A B (a LoRA update with its scale in B, `model/adapters.py`); y without one.
+
+  x [.., R, in] times A [.., in, r] then B [.., r, out]: the rank-r product per expert is never
+  formed, so no [E, in, out] weight delta exists."""
+  if a is None:
+    return y
+  return y + matmul(matmul(x, a), b).astype(y.dtype)
+
+
 def sort_assignments(top_experts: jax.Array):
   """Sorts the M * C token-expert assignments by expert: (order, expert, token) each [A]."""
   flat = top_experts.reshape(-1)
@@ -111,30 +122,44 @@ def block_rows(assignments: int, num_experts: int) -> int:
   return max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, rows))
 
 
-def sorted_experts(t, top_experts, top_weights, weights, *, activation: Callable,
+def _rows(adapter: jax.Array | None, experts: jax.Array) -> jax.Array | None:
+  return None if adapter is None else adapter[experts]
+
+
+def sorted_experts(t, top_experts, top_weights, weights, adapters=None, *, activation: Callable,
                    matmul: Callable) -> jax.Array:
   """Assignments sorted by expert, padded into blocks of R rows, one batched matmul.
 
   t [M, D]; top_experts, top_weights [M, C]; weights (w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D],
-  b2 [E, D]); activation [.., 2F] -> [.., F] -> the combined output [M, D] float32.
+  b2 [E, D]); activation [.., 2F] -> [.., F] -> the combined output [M, D] float32. adapters:
+  None or LoRA factors (A1 [E, D, r], B1 [E, r, 2F], A2 [E, F, r], B2 [E, r, D]), scale in B.
   """
   w1, b1, w2, b2 = weights
+  a1, u1, a2, u2 = adapters or (None,) * 4
   plan = block_plan(top_experts, w1.shape[0])
   x = take_rows(t, plan.source, plan.row)  # [blocks * R, D]
   x = x.reshape(-1, plan.rows_per_block, t.shape[1])  # [blocks, R, D]
   e = plan.block_expert
   # One copy of an expert's weights per block (not per token) feeds a batched matmul.
   h = matmul(x, w1[e]) + b1[e][:, None]  # [blocks, R, 2F]
-  y = matmul(activation(h), w2[e]) + b2[e][:, None]  # [blocks, R, D]
+  h = with_update(h, x, _rows(a1, e), _rows(u1, e), matmul)
+  g = activation(h)  # [blocks, R, F]
+  y = matmul(g, w2[e]) + b2[e][:, None]  # [blocks, R, D]
+  y = with_update(y, g, _rows(a2, e), _rows(u2, e), matmul)
   y = take_rows(y.reshape(plan.num_rows, -1), plan.row.reshape(-1), plan.assignment)  # [M * C, D]
   return combine(y, top_weights)
 
 
-def ragged_experts(t, top_experts, top_weights, weights, *, activation: Callable) -> jax.Array:
+def ragged_experts(t, top_experts, top_weights, weights, adapters=None, *,
+                   activation: Callable) -> jax.Array:
   """Assignments sorted by expert, grouped matmul with `jax.lax.ragged_dot`; as sorted_experts."""
   w1, b1, w2, b2 = weights
+  a1, u1, a2, u2 = adapters or (None,) * 4
   order, expert, token = sort_assignments(top_experts)
   sizes = jnp.bincount(expert, length=w1.shape[0]).astype(jnp.int32)
-  h = jax.lax.ragged_dot(t[token], w1, sizes) + b1[expert]  # [A, 2F]
-  y = jax.lax.ragged_dot(activation(h), w2, sizes) + b2[expert]  # [A, D]
+  grouped = lambda x, w: jax.lax.ragged_dot(x, w, sizes)  # row group e times w[e]
+  x = t[token]  # [A, D]
+  h = with_update(grouped(x, w1) + b1[expert], x, a1, u1, grouped)  # [A, 2F]
+  g = activation(h)  # [A, F]
+  y = with_update(grouped(g, w2) + b2[expert], g, a2, u2, grouped)  # [A, D]
   return combine(jnp.zeros_like(y).at[order].set(y), top_weights)  # un-sorted, then combined

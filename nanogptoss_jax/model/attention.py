@@ -14,7 +14,7 @@ from nanogptoss_jax.kernels.attention import MASKED, blocked_attention
 from nanogptoss_jax.kernels.flash_attention import flash_attention
 from nanogptoss_jax.kernels.pallas_attention import pallas_attention
 from nanogptoss_jax.kernels.splash_attention import splash_attention
-from nanogptoss_jax.model import axes, choices
+from nanogptoss_jax.model import adapters, axes, choices
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, cache_write
@@ -137,15 +137,21 @@ class Attention(nnx.Module):
                ) -> tuple[jax.Array, LayerCache | None]:
     batch, length, _ = x.shape
     groups = self.num_heads // self.kv_heads
-    qkv = self.qkv(self.norm(x))
+    h = self.norm(x)
+    qkv = self.qkv(h)
     q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+    # LoRA adapters (model/adapters.py) update each slice of the fused matmul on its own, as
+    # PEFT's q_proj, k_proj and v_proj.
+    q, k, v = (adapters.add_update(self, target, h, part) for target, part in
+               (("q", qkv[..., :q_size]), ("k", qkv[..., q_size:q_size + kv_size]),
+                ("v", qkv[..., q_size + kv_size:])))
     # Query head n = k * G + g shares kv head k, as in the reference's view(T, K, G, H).
-    q = qkv[..., :q_size].reshape(batch, length, self.kv_heads, groups, self.head_dim)  # [B, T, K, G, H]
-    k = qkv[..., q_size:q_size + kv_size].reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
-    v = qkv[..., q_size + kv_size:].reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
+    q = q.reshape(batch, length, self.kv_heads, groups, self.head_dim)  # [B, T, K, G, H]
+    k = k.reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
+    v = v.reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     sinks = self.sinks[...].reshape(self.kv_heads, groups)  # [K, G]
     out, cache = attend_with_cache(q, k, v, positions, cache, window=self.window, sinks=sinks,
                                    impl=self.impl, platform=self.platform, in_order=in_order)
     out = out.reshape(batch, length, self.num_heads * self.head_dim)  # [B, T, N * H]
-    return self.out(out), cache
+    return adapters.add_update(self, "o", out, self.out(out)), cache

@@ -17,6 +17,7 @@ MLP = "mlp"  # GPT-2's dense MLP channels
 ROUTER = "router"  # router logits: one per expert, never split
 NORM = "norm"  # norm scales and biases: small, never split
 PACKED = "packed"  # the 16 bytes of an MXFP4 block
+LORA_RANK = "lora_rank"  # a LoRA adapter's rank r: small, never split
 
 
 def names(*axes: str | None) -> dict:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogptoss_jax.kernels import moe_dispatch
-from nanogptoss_jax.model import axes, choices, mxfp4
+from nanogptoss_jax.model import adapters, axes, choices, mxfp4
 from nanogptoss_jax.model.config import ConfigError, GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.expert_parallel import expert_mode, parallel_experts
@@ -42,15 +42,19 @@ def route(logits: jax.Array, experts_per_token: int) -> tuple[jax.Array, jax.Arr
   return top_experts, jax.nn.softmax(top_logits, axis=-1)
 
 
-def dense_experts(t, top_experts, top_weights, weights, *, activation, matmul) -> jax.Array:
-  """Every expert on every token t [M, D], combined with zero weight off the top-k -> [M, D]."""
+def dense_experts(t, top_experts, top_weights, weights, adapters=None, *, activation,
+                  matmul) -> jax.Array:
+  """Every expert on every token t [M, D], combined with zero weight off the top-k -> [M, D];
+  `adapters`: LoRA factors or None (kernels/moe_dispatch.sorted_experts)."""
   w1, b1, w2, b2 = weights
+  a1, u1, a2, u2 = adapters or (None,) * 4
   num_experts = w1.shape[0]
   # Experts as a batch axis of both operands: each expert's [D, 2F] slice feeds a plain
   # matmul where it lies (contracting x with [E, D, 2F] directly transposes a weight copy).
   t = jnp.broadcast_to(t, (num_experts, *t.shape))  # [E, M, D]
-  h = matmul(t, w1) + b1[:, None]  # [E, M, 2F]
-  y = matmul(activation(h), w2) + b2[:, None]  # [E, M, D]
+  h = moe_dispatch.with_update(matmul(t, w1) + b1[:, None], t, a1, u1, matmul)  # [E, M, 2F]
+  g = activation(h)  # [E, M, F]
+  y = moe_dispatch.with_update(matmul(g, w2) + b2[:, None], g, a2, u2, matmul)  # [E, M, D]
   rows = jnp.arange(t.shape[1])[:, None]
   combine = jnp.zeros((t.shape[1], num_experts), jnp.float32)
   combine = combine.at[rows, top_experts].set(top_weights)  # [M, E]
@@ -120,8 +124,13 @@ class MoE(nnx.Module):
     # On a mesh with an expert (or tensor) axis the experts are split over devices and tokens
     # travel to them (model/expert_parallel.py); elsewhere every group sees every expert.
     mode = expert_mode(jax.sharding.get_abstract_mesh(), groups, self.cfg.num_experts)
+    lora = adapters.expert_factors(self, self.dtype)  # LoRA's low-rank factors, or None
     dropped = None
     if mode is not None:
+      if lora is not None:
+        raise ConfigError("LoRA on the experts (targets mlp1/mlp2) does not run split over an "
+                          "expert or tensor mesh axis yet: set execution.expert=1 and "
+                          "execution.tensor=1, or leave mlp1 and mlp2 out of lora.targets")
       out, dropped = parallel_experts(mode, self, t.astype(self.dtype), top_experts,
                                       top_weights, options)
     else:
@@ -129,10 +138,11 @@ class MoE(nnx.Module):
       weight_axis = None
       if impl == "ragged":
         # ragged_dot's batching rule wants every operand batched along axis 0.
-        weights = tuple(jnp.broadcast_to(w, (groups, *w.shape)) for w in weights)
+        weights, lora = jax.tree.map(lambda w: jnp.broadcast_to(w, (groups, *w.shape)),
+                                     (weights, lora))
         weight_axis = 0
-      out = jax.vmap(expert_fn, in_axes=(0, 0, 0, weight_axis))(
-          t.astype(self.dtype), top_experts, top_weights, weights)  # [P, M, D]
+      out = jax.vmap(expert_fn, in_axes=(0, 0, 0, weight_axis, weight_axis))(
+          t.astype(self.dtype), top_experts, top_weights, weights, lora)  # [P, M, D]
     num_experts, per_token = logits.shape[-1], top_experts.shape[-1]
     stats = router_stats(logits.reshape(-1, num_experts), top_experts.reshape(-1, per_token))
     if dropped is not None:

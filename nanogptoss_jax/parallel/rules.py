@@ -33,6 +33,7 @@ RULES: Mapping[str, tuple[str, ...]] = {
     axes.ROUTER: (),
     axes.NORM: (),
     axes.PACKED: (),
+    axes.LORA_RANK: (),
 }
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import layer_stack
 from nanogptoss_jax.model.config import GptOssConfig
+from nanogptoss_jax.model.lora import has_lora
 from nanogptoss_jax.pretrained import config_map, names, safetensors_io
 from nanogptoss_jax.pretrained.layout import HUGGING_FACE, INDEX_FILE
 from nanogptoss_jax.pretrained.tokenizer import save_tokenizer
@@ -71,6 +72,9 @@ def save_pretrained(model, tokenizer, out_dir: str, *, dtype: str = "bfloat16",
   if not isinstance(getattr(model, "cfg", None), GptOssConfig):
     raise UserError("save_pretrained exports GPT-OSS models only; GPT-2 runs have no Hugging "
                     "Face export here yet")
+  if has_lora(model):
+    raise UserError("save_pretrained writes base weights only: merge_lora(model) first, or "
+                    "save_adapter(model, dir) for a PEFT adapter")
   if dtype not in EXPORT_DTYPES:
     raise UserError(f"dtype={dtype!r} must be one of {sorted(EXPORT_DTYPES)}")
   cfg = model.cfg

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from nanogptoss_jax.errors import UserError
-from nanogptoss_jax.training.config_io import ConfigOverrideError, _parse_value
+from nanogptoss_jax.training.config_io import (NONE_WORDS, ConfigOverrideError, _parse_value,
+                                               optional_section)
 from nanogptoss_jax.training.run_config import RunConfig, gpt2_twin, validate_run_config
 
 CONFIG_FLAG = "--config"
@@ -76,6 +77,19 @@ def _nest_changes(cfg: RunConfig, overrides: dict[str, Any]) -> dict[str, Any]:
       child = getattr(node, part)
       path = f"{prefix}.{part}" if prefix else part
       is_last = i == len(parts) - 1
+      section = optional_section(typing.get_type_hints(type(node))[part])
+      if section is not None and is_last:
+        # A sub-config that may be off (lora): `none` turns it off, `default` on as it comes.
+        word = str(value).strip().lower()
+        if word not in NONE_WORDS + ("default",):
+          raise ConfigOverrideError(
+              f"{key!r} takes none or default; set its fields instead "
+              f"({_valid_keys_message(section, path)})")
+        level[part] = None if word in NONE_WORDS else section()
+        continue
+      if section is not None and child is None:
+        child = section()  # `lora.rank=4` on a run without LoRA: the defaults, then the change
+        level.setdefault(part, {})["__section__"] = section
       if dataclasses.is_dataclass(child):
         if is_last:
           raise ConfigOverrideError(
@@ -93,7 +107,14 @@ def _nest_changes(cfg: RunConfig, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _rebuild(node: Any, changes: dict[str, Any]) -> Any:
   """`node` with nested `changes`, one dataclasses.replace per dataclass so validation runs once."""
-  direct = {name: (_rebuild(getattr(node, name), sub) if isinstance(sub, dict) else sub)
+  def child(name, sub):
+    current = getattr(node, name)
+    if current is None and isinstance(sub, dict) and "__section__" in sub:
+      current = sub["__section__"]()  # an optional sub-config switched on by a field change
+    sub = {key: value for key, value in sub.items() if key != "__section__"}
+    return _rebuild(current, sub)
+
+  direct = {name: (child(name, sub) if isinstance(sub, dict) else sub)
             for name, sub in changes.items()}
   return dataclasses.replace(node, **direct)
 

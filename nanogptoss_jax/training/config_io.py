@@ -76,6 +76,16 @@ def _parse_value(key: str, tp: Any, value: Any) -> Any:
   raise ConfigOverrideError(f"bad value for {key!r}: expected {_type_name(tp)}, got {value!r}")
 
 
+def optional_section(tp: Any) -> type | None:
+  """The dataclass X of a field typed `X | None` (a sub-config that may be off), else None."""
+  if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+    return None
+  args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+  if len(args) == 1 and dataclasses.is_dataclass(args[0]) and len(typing.get_args(tp)) == 2:
+    return args[0]
+  return None
+
+
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
   """A JSON-ready dict of `cfg`, naming the model's kind so `config_from_dict` can rebuild it."""
   return {MODEL_KIND_KEY: registry.kind_of(cfg.model), **dataclasses.asdict(cfg)}
@@ -120,7 +130,10 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
                  for f in dataclasses.fields(RunConfig) if f.name not in ("model", "run_dir")}
   kwargs = {"model": _from_dict(registry.config_class(kind), d.pop("model"), "model")}
   for name, value in d.items():
-    if name in sub_configs:
+    if name in sub_configs and optional_section(sub_configs[name]):
+      kwargs[name] = (None if value is None else
+                      _from_dict(optional_section(sub_configs[name]), value, name))
+    elif name in sub_configs:
       kwargs[name] = _from_dict(sub_configs[name], value, name)
     elif name == "run_dir":
       kwargs[name] = _parse_value(name, str, value)

@@ -8,6 +8,7 @@ from nanogptoss_jax import o200k
 from nanogptoss_jax.data.config import DataConfig
 from nanogptoss_jax.model.config import ConfigError, Gpt2Config, GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
+from nanogptoss_jax.model.lora import LoraConfig
 from nanogptoss_jax.model.registry import ModelConfig
 from nanogptoss_jax.training.losses import LOSSES
 
@@ -64,6 +65,9 @@ class RunConfig:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   run_dir: str = "runs/default"
+  # LoRA adapters (model/lora.py) on the model; then only they train unless train.trainable
+  # says otherwise, and checkpoints hold them without the base.
+  lora: LoraConfig | None = None
 
 
 # A GPT-2 twin's run_dir: the GPT-OSS run's folder name, prefixed (runs/nano -> runs/gpt2_nano).
@@ -132,6 +136,9 @@ def _run_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
       (optim.eps > 0, f"optim.eps={optim.eps} must be > 0"),
       (optim.grad_clip >= 0, f"optim.grad_clip={optim.grad_clip} must be >= 0 (0: off)"),
       (bool(cfg.run_dir.strip()), "run_dir must not be empty"),
+      (cfg.lora is None or isinstance(model, GptOssConfig),
+       f"lora adapts GPT-OSS models only (this run trains a {type(model).__name__}); "
+       "set --config.lora=none"),
       *model.run_rules(train.context_len),
   ]
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nanogptoss_jax.model.registry import abstract_model, build_model
+from nanogptoss_jax.model.lora import LORA_PATTERN, add_lora
+from nanogptoss_jax.model.registry import build_model
 from nanogptoss_jax.training.optimizer import make_optimizer
 from nanogptoss_jax.training.run_config import RunConfig
 
@@ -37,6 +38,22 @@ def trainable_filter(pattern: str):
   return nnx.All(nnx.Param, lambda path, _: bool(regex.search(".".join(map(str, path)))))
 
 
+def trainable_pattern(cfg: RunConfig) -> str:
+  """The run's train.trainable; with LoRA and none given, the adapters only."""
+  return cfg.train.trainable or (LORA_PATTERN if cfg.lora is not None else "")
+
+
+def run_model(cfg: RunConfig):
+  """The run's model from its seed: the architecture, with fresh adapters if `cfg.lora`."""
+  model = build_model(cfg.model, cfg.train.seed, cfg.execution)
+  return model if cfg.lora is None else add_lora(model, cfg.lora, seed=cfg.train.seed)
+
+
+def abstract_run_model(cfg: RunConfig):
+  """`run_model`'s structure, shapes only."""
+  return nnx.eval_shape(lambda: run_model(cfg))
+
+
 def split_model(model, trainable: str = ""):
   """(graphdef, trainable params, frozen params, rest): the static structure and the state."""
   return nnx.split(model, trainable_filter(trainable), nnx.Param, ...)
@@ -57,7 +74,7 @@ def abstract_train_state(cfg: RunConfig):
   """The TrainState's shapes and dtypes for cfg, the model's graphdef and the optimiser;
   nothing allocated."""
   tx = make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef = split_model(abstract_model(cfg.model, cfg.execution), cfg.train.trainable)[0]
-  state = jax.eval_shape(lambda: init_train_state(
-      build_model(cfg.model, cfg.train.seed, cfg.execution), tx, cfg.train.trainable))
+  trainable = trainable_pattern(cfg)
+  graphdef = split_model(abstract_run_model(cfg), trainable)[0]
+  state = jax.eval_shape(lambda: init_train_state(run_model(cfg), tx, trainable))
   return graphdef, state, tx

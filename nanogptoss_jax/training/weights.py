@@ -16,13 +16,13 @@ from flax import nnx
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import axes, layer_stack
 from nanogptoss_jax.model.gptoss import layer_layout
-from nanogptoss_jax.model.registry import abstract_model, build_model
 from nanogptoss_jax.parallel import rules
 from nanogptoss_jax.training import checkpoints as ckpt
 from nanogptoss_jax.training.checksums import CHECKSUMS_FILE
 from nanogptoss_jax.training.run_config import RunConfig
-from nanogptoss_jax.training.state import (TrainState, abstract_train_state, init_train_state,
-                                            merge_model, split_model)
+from nanogptoss_jax.training.state import (TrainState, abstract_run_model, abstract_train_state,
+                                            init_train_state, merge_model, run_model, split_model,
+                                            trainable_pattern)
 
 HASH_CHUNK = 1 << 24
 PUBLISHED_FILES = ("config.json", "*.safetensors", "original/config.json", "original/*.safetensors")
@@ -112,7 +112,7 @@ def _base_model(source: str, cfg: RunConfig):
 def initial_model(cfg: RunConfig):
   """The run's model before its first step: the seed's weights, then init_from's where the
   source has them (parameters it lacks, e.g. adapters, keep the seed's values)."""
-  model = build_model(cfg.model, cfg.train.seed, cfg.execution)
+  model = run_model(cfg)
   if not cfg.train.init_from:
     return model
   base = _base_model(cfg.train.init_from, cfg)
@@ -137,7 +137,7 @@ def frozen_params(cfg: RunConfig, abstract_frozen):
   """The frozen parameters a run's checkpoints leave out, rebuilt from its seed and source."""
   if not jax.tree.leaves(abstract_frozen):
     return abstract_frozen
-  return split_model(initial_model(cfg), cfg.train.trainable)[2]
+  return split_model(initial_model(cfg), trainable_pattern(cfg))[2]
 
 
 def load_step(manager, step: int):
@@ -193,16 +193,16 @@ def load_checkpoint(run_dir: str | pathlib.Path):
 def initial_state(cfg: RunConfig, tx, shardings) -> TrainState:
   """The run's first train state, placed on `shardings`."""
   if cfg.train.init_from:  # loaded eagerly: the source's arrays are already on devices
-    return jax.device_put(init_train_state(initial_model(cfg), tx, cfg.train.trainable),
+    return jax.device_put(init_train_state(initial_model(cfg), tx, trainable_pattern(cfg)),
                           shardings)
-  init = lambda: init_train_state(initial_model(cfg), tx, cfg.train.trainable)
+  init = lambda: init_train_state(initial_model(cfg), tx, trainable_pattern(cfg))
   return jax.jit(init, out_shardings=shardings)()
 
 
 def state_shardings(cfg: RunConfig, mesh, abstract_state):
   """Where each array of the train state lives: the parallel rules over the model's names."""
   return rules.tree_shardings(mesh, abstract_state,
-                              axes.axes_by_path(abstract_model(cfg.model, cfg.execution)))
+                              axes.axes_by_path(abstract_run_model(cfg)))
 
 
 def restored_state(cfg: RunConfig, state: TrainState, meta: dict) -> TrainState:
