@@ -76,6 +76,22 @@ def describe_source(path: str) -> dict:
   return {"path": str(root.resolve()), "sha256": _hash_files(files, root)}
 
 
+def source_tokenizer(cfg: RunConfig):
+  """The tokenizer of init_from's run, whose model ids its weights were trained on; None when
+  the run starts from its seed or from a published checkpoint (the full vocabulary)."""
+  root = pathlib.Path(cfg.train.init_from)
+  if not cfg.train.init_from or not is_run_directory(root):
+    return None
+  ckpt.use_run_tokenizer_file(root)  # a new run directory carries no BPE file yet
+  step = _best_step_dir(root)
+  manager = ckpt.read_only_manager(step.parent)
+  try:
+    _, _, meta = ckpt.restore_step(manager, int(step.name), None, meta_only=True)
+  finally:
+    manager.close()
+  return ckpt.read_meta(meta)[1]
+
+
 def check_source(saved: dict | None, cfg: RunConfig) -> None:
   """Raises unless the run's init_from still holds the bytes it started from."""
   if not cfg.train.init_from:
