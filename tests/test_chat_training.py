@@ -139,3 +139,68 @@ def test_chat_settings_round_trip_and_bad_ones_are_one_line(chats, tmp_path):
   assert changed.data.chat == dataclasses.replace(cfg.data.chat, too_long="cut", val_split="")
   with pytest.raises(ChatDataError, match="too_long must be one of drop, cut, got 'trim'"):
     apply_overrides(cfg, ["data.chat.too_long=trim"])
+
+
+class _RecordingEngine:
+  """Takes requests and answers none: what the chat command and the server ask for."""
+
+  cache_length = 4096
+
+  def __init__(self):
+    self.requests = []
+
+  def check(self, prompt_length, max_tokens):
+    pass
+
+  def submit(self, request):
+    self.requests.append(request)
+    request.on_done("stop")
+
+
+def test_a_chat_run_opens_in_harmony_and_stops_on_its_own_return_and_call_ids(baseline):
+  import argparse
+  import asyncio
+  import io
+
+  from nanogptoss_jax.commands.chat import Chat
+  from nanogptoss_jax.serving.app import Service
+  from nanogptoss_jax.serving.open_model import open_model
+  cfg, _ = baseline
+  model, tokenizer, plain = open_model(cfg.run_dir)
+  assert not plain  # trained on chats: harmony, although its vocabulary is compact
+  engine = _RecordingEngine()
+  service = Service(engine, tokenizer, model_name="t", plain_text=False)
+  args = argparse.Namespace(system=None, reasoning_effort="low", max_tokens=5, temperature=1.0,
+                            top_p=1.0, seed=0, show_analysis=False)
+  Chat(service, args, io.StringIO()).answer("What is 2 plus 3?")
+  body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+  loop = asyncio.new_event_loop()
+  try:
+    [request] = service.requests(body, True, asyncio.Queue(), loop)
+  finally:
+    loop.close()
+  for stops in (engine.requests[0].stop_ids, request.stop_ids):
+    # The compact vocabulary's own ids of <|return|> and <|call|>, not o200k_harmony's.
+    assert max(stops) < model.cfg.vocab_size
+    assert tokenizer.to_base_ids(list(stops)).tolist() == list(harmony.STOP_IDS)
+
+
+def test_the_fine_tuning_configs_load_and_validate():
+  from nanogptoss_jax.model.config import GPT_OSS_20B
+  from nanogptoss_jax.training.config_files import load_config_file
+  from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
+  nano = load_config_file(REPO / "configs" / "nano.py")
+  tuned = load_config_file(REPO / "configs" / "finetune_nano_chat.py")
+  validate_run_config(tuned)
+  assert tuned.model == nano.model and tuned.data.compact_vocab_size == nano.data.compact_vocab_size
+  assert tuned.data.is_chat and tuned.data.chat.too_long == "drop"
+  assert tuned.train.init_from == "runs/nano" and tuned.train.context_len == 512
+  qlora = load_config_file(REPO / "configs" / "finetune_20b_lora.py")
+  validate_run_config(qlora)
+  assert qlora.model == GPT_OSS_20B and qlora.execution.expert_format == "mxfp4"
+  assert qlora.data.chat.path == "HuggingFaceH4/Multilingual-Thinking"
+  assert (qlora.optim.lr, qlora.train.context_len, qlora.train.init_from) == (
+      2e-4, 2048, "openai/gpt-oss-20b")
+  assert 0 < qlora.optim.warmup_steps < qlora.train.steps and qlora.optim.min_lr < qlora.optim.lr
+  if "lora" in {f.name for f in dataclasses.fields(RunConfig)}:  # once LoRA lands
+    assert (qlora.lora.rank, qlora.lora.alpha) == (8, 16)
