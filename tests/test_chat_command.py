@@ -122,7 +122,7 @@ def test_missing_checkpoint_is_one_error_line(tmp_path):
 def test_open_model_opens_a_run_directory(run_dir, loaded):
   model, tokenizer, plain = open_model(str(run_dir))
   theirs, their_tokenizer = loaded
-  assert plain  # our runs never learned harmony
+  assert plain  # a run trained on text never learned harmony
   assert tokenizer.to_dict() == their_tokenizer.to_dict()
   assert model.cfg == theirs.cfg
   mine, want = (nnx.to_flat_state(nnx.state(m, nnx.Param)) for m in (model, theirs))

@@ -25,3 +25,33 @@ def tiny_run(run_dir, cache_dir, **train_changes) -> RunConfig:
       optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
       train=dataclasses.replace(train, **train_changes),
       run_dir=str(run_dir))
+
+
+def write_sum_chats(directory, train: int = 96, validation: int = 16) -> str:
+  """train.jsonl and validation.jsonl of short harmony-ready chats (a sum asked, reasoned,
+  answered; one in three with a system message); returns the directory."""
+  import json
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  for split, count, offset in (("train", train, 0), ("validation", validation, 1000)):
+    rows = []
+    for i in range(offset, offset + count):
+      a, b = i % 17, (7 * i) % 13
+      messages = [{"role": "user", "content": f"What is {a} plus {b}?"},
+                  {"role": "assistant", "thinking": f"Add {a} and {b}.", "content": f"{a + b}."}]
+      if i % 3 == 0:
+        messages.insert(0, {"role": "system", "content": "Answer briefly."})
+      rows.append(json.dumps({"messages": messages}) + "\n")
+    (directory / f"{split}.jsonl").write_text("".join(rows))
+  return str(directory)
+
+
+def tiny_chat_run(run_dir, cache_dir, chats: str, **train_changes) -> RunConfig:
+  """tiny_run fine-tuning on chat data (a compact vocabulary built from the chats unless
+  init_from gives one): contexts of 128 tokens hold the whole conversation."""
+  from nanogptoss_jax.data.config import ChatDataConfig
+  changes = dict(context_len=128, batch_size=4, steps=8, ckpt_every=3, eval_every=4,
+                 sample_tokens=6) | train_changes
+  cfg = tiny_run(run_dir, cache_dir, **changes)
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat=ChatDataConfig(
+      path=chats, val_conversations=12)))

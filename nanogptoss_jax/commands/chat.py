@@ -4,9 +4,10 @@ example: nanogptoss-chat --checkpoint runs/nano --temperature 0.8 --max-tokens 2
 Type a message and Enter. /reset starts a new conversation, /quit (or EOF) exits. Ctrl-C during
 an answer stops that answer; Ctrl-C twice at the prompt exits. Turn n of a conversation samples
 with seed + n, so after /reset the same messages get the same answers.
-Our run directories never learned harmony: they answer in plain-text mode (the prompt is your
-last message alone). Pretrained gpt-oss directories speak harmony; their `analysis` channel is
-shown dimmed on a terminal, or with --show-analysis.
+Our runs trained on plain text never learned harmony: they answer in plain-text mode (the prompt
+is your last message alone). Pretrained gpt-oss directories and our runs fine-tuned on chat data
+(configs/finetune_nano_chat.py) speak harmony; the `analysis` channel is shown dimmed on a
+terminal, or with --show-analysis.
 """
 
 import argparse
@@ -69,12 +70,10 @@ class Chat:
       print(f"error: {getattr(problem, 'message', problem)} (/reset starts over)", file=sys.stderr)
       return
     events = queue.Queue()
-    plain = self.service.plain_text
     request = Request(prompt=prompt, max_tokens=self.args.max_tokens,
                       temperature=self.args.temperature, top_p=self.args.top_p,
                       seed=self.args.seed + self.turns(),
-                      stop_ids=tuple(self.service.tokenizer.stop_ids) if plain
-                      else self._harmony_stops(),
+                      stop_ids=self.service.stop_ids(chat=True),
                       on_tokens=lambda t: events.put(("tokens", t)),
                       on_done=lambda why: events.put(("done", why)))
     stream = TextStream(self.service, chat=True, stop=[])
@@ -88,11 +87,6 @@ class Chat:
       self._write(f"{UNDIM if self.dim else ''} {STOPPED}")
     self._write("\n")
     self.messages = messages + [{"role": "assistant", "content": stream.content}]
-
-  @staticmethod
-  def _harmony_stops():
-    from nanogptoss_jax.chat.harmony import STOP_IDS
-    return STOP_IDS
 
   def _print_stream(self, events, stream) -> None:
     in_analysis = False

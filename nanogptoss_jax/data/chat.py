@@ -9,52 +9,13 @@ import re
 
 import numpy as np
 
-from nanogptoss_jax.data.config import DataUnavailableError
+from nanogptoss_jax.data.config import (TOO_LONG, TRAIN_TURNS, ChatDataConfig,  # noqa: F401
+                                        ChatDataError, DataUnavailableError)
 from nanogptoss_jax.data.sources import Source, _load_hf_split
-from nanogptoss_jax.errors import UserError
 
-TRAIN_TURNS = ("last", "all")
-TOO_LONG = ("drop", "cut")
 JSONL_SUFFIXES = (".jsonl", ".json")
 # Per-row keys besides the messages and tools columns that a conversation may carry.
 ROW_REASONING_EFFORT = "reasoning_effort"
-
-
-class ChatDataError(UserError, ValueError):
-  """A conversation that cannot be trained on (malformed row, no assistant turn, unknown role)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatDataConfig:
-  """Where the conversations come from and how they become training examples."""
-
-  # A .jsonl file (one {"messages": [...]} object per line: the training split), a directory
-  # of <split>.jsonl files, a local `datasets` directory, or a hub dataset id such as
-  # HuggingFaceH4/Multilingual-Thinking.
-  path: str = ""
-  train_split: str = "train"
-  # "": hold out `val_conversations` evenly spaced conversations of the training split instead
-  # (never trained on), for sources with one split.
-  val_split: str = "validation"
-  val_conversations: int = 64  # the held-out count, or the cap on the validation split
-  messages_column: str = "messages"
-  tools_column: str = "tools"  # optional: the OpenAI function specs a conversation may call
-  reasoning_effort: str = "medium"  # a row's own "reasoning_effort" key wins
-  current_date: str = ""  # "": harmony's system message without a date
-  # "last": the last assistant turn (its reasoning too), earlier turns as history.
-  # "all": every assistant turn, each rendered as the last of its own example.
-  train_turns: str = "last"
-  too_long: str = "drop"  # conversations longer than the context: "drop" or "cut" (counted)
-  max_conversations: int = 0  # per split; 0: all
-
-  def __post_init__(self):
-    for name, allowed in (("train_turns", TRAIN_TURNS), ("too_long", TOO_LONG)):
-      if getattr(self, name) not in allowed:
-        raise ChatDataError(f"chat data {name} must be one of {', '.join(allowed)}, "
-                            f"got {getattr(self, name)!r}")
-    if self.val_conversations < 1 or self.max_conversations < 0:
-      raise ChatDataError("chat data val_conversations must be positive and max_conversations "
-                          f">= 0 (got {self.val_conversations}, {self.max_conversations})")
 
 
 @dataclasses.dataclass(frozen=True)

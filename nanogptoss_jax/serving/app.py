@@ -46,6 +46,13 @@ class Service:
     self.model_name, self.plain_text = model_name, plain_text
     self.created = int(time.time())
 
+  def stop_ids(self, chat: bool) -> tuple[int, ...]:
+    """Ids that end an answer: harmony's <|return|> and <|call|> in the model's own ids (a
+    compact vocabulary numbers them differently), or the tokenizer's for plain text."""
+    if self.plain_text or not chat:
+      return tuple(self.tokenizer.stop_ids)
+    return harmony.stop_ids(self.tokenizer)
+
   def prompt(self, body: dict, chat: bool) -> list[int]:
     if not chat:
       text = body.get("prompt")
@@ -88,8 +95,7 @@ class Service:
       self.engine.check(len(prompt), max_tokens)
     except UserError as problem:
       raise ApiError(400, str(problem), "max_tokens") from None
-    stop_ids = (tuple(self.tokenizer.stop_ids) if self.plain_text or not chat
-                else harmony.STOP_IDS)
+    stop_ids = self.stop_ids(chat)
     made = []
     for index in range(n):
       put = lambda item, index=index: loop.call_soon_threadsafe(out.put_nowait, (index, *item))

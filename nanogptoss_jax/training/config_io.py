@@ -100,7 +100,12 @@ def _from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if name not in fields:
       names = ", ".join(sorted(fields))
       raise ConfigOverrideError(f"unknown key {key!r} in saved config; valid keys: {names}")
-    kwargs[name] = _parse_value(key, hints[name], value)
+    if dataclasses.is_dataclass(hints[name]):  # a nested section (data.chat)
+      if not isinstance(value, dict):
+        raise ConfigOverrideError(f"bad value for {key!r}: expected a section, got {value!r}")
+      kwargs[name] = _from_dict(hints[name], value, key)
+    else:
+      kwargs[name] = _parse_value(key, hints[name], value)
   return cls(**kwargs)
 
 

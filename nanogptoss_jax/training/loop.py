@@ -13,13 +13,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from nanogptoss_jax.data.bpe import use_bpe_file
-from nanogptoss_jax.data.streams import prepare_data
 from nanogptoss_jax.data.tokenizer import Tokenizer
-from nanogptoss_jax.data.windows import make_train_iterator, val_windows
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model.config import ConfigError
-from nanogptoss_jax.sampling.text import generate_text
 from nanogptoss_jax.training import checkpoints as ckpt
+from nanogptoss_jax.training import evaluation
 from nanogptoss_jax.parallel.mesh import make_mesh
 from nanogptoss_jax.training import faults, weights
 from nanogptoss_jax.training import mesh as sharding
@@ -27,6 +25,7 @@ from nanogptoss_jax.training.metrics_log import MetricsLog, progress_interval
 from nanogptoss_jax.training.optimizer import lr_schedule
 from nanogptoss_jax.training.resume import check_resumable
 from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
+from nanogptoss_jax.training.run_data import open_run_data
 from nanogptoss_jax.training.state import abstract_train_state, merge_model
 from nanogptoss_jax.training.step import make_eval_step, make_train_step
 from nanogptoss_jax.training.stop_request import StopRequest
@@ -64,8 +63,11 @@ class Trainer:
     ckpt.use_run_tokenizer_file(self.run_dir)
 
     resume = self._read_resume_meta()
-    saved_tokenizer = Tokenizer.from_dict(resume["tokenizer"]) if resume else None
-    self.tokenizer, self.train_stream, self.val_stream = prepare_data(cfg.data, saved_tokenizer)
+    # A resumed run reads in its saved vocabulary; a run from another run's weights in that one's.
+    known = (Tokenizer.from_dict(resume["tokenizer"]) if resume
+             else weights.source_tokenizer(cfg))
+    self.data = open_run_data(cfg, known)
+    self.tokenizer = self.data.tokenizer
 
     self.mesh = make_mesh(cfg.execution)
     self.graphdef, abstract_state, tx = abstract_train_state(cfg)
@@ -76,15 +78,7 @@ class Trainer:
           f"a micro-batch of train.batch_size={cfg.train.batch_size} / train.grad_accum="
           f"{cfg.train.grad_accum} = {micro_batch} rows cannot be split evenly over "
           f"{self.mesh.size} devices; make it a multiple of {self.mesh.size}")
-    self.val_data = val_windows(self.val_stream, cfg.train.context_len, cfg.data.val_windows)
-    if len(self.val_data) < micro_batch:
-      raise ConfigError(
-          f"evaluation needs at least one batch of {micro_batch} validation windows of "
-          f"train.context_len={cfg.train.context_len} tokens, but there are only "
-          f"{len(self.val_data)} (data.val_windows={cfg.data.val_windows}, capped by the "
-          f"validation split's size); raise --config.data.val_windows or lower "
-          f"--config.train.batch_size")
-    self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))  # [accum, B, T+1]
+    self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))  # [accum, B, T]
     self.eval_sharding = sharding.batch_sharding(self.mesh)
     self.train_step = jax.jit(
         make_train_step(self.graphdef, cfg, tx, self.mesh),
@@ -94,9 +88,7 @@ class Trainer:
     self.eval_step = jax.jit(eval_fn, in_shardings=(
         self.state_shardings.params, self.state_shardings.frozen, self.state_shardings.rest,
         self.eval_sharding))
-    self.data_iter = make_train_iterator(
-        self.train_stream, cfg.train.context_len, cfg.train.batch_size, cfg.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    self.data_iter = self.data.iterator
     self.best_val = math.inf
     self._recent_losses = []  # train losses since the last eval
     if resume:
@@ -145,33 +137,17 @@ class Trainer:
     """The current model (a view on the train state's arrays)."""
     return merge_model(self.graphdef, self.state)
 
-  def _next_batch(self) -> jax.Array:
-    local = np.asarray(next(self.data_iter), dtype=np.int32)  # [b, T + 1] this process's rows
-    local = local.reshape(self.cfg.train.grad_accum, -1, local.shape[-1])  # [accum, b / accum, T + 1]
-    return sharding.global_batch(local, self.batch_sharding)
+  def _next_batch(self):
+    """This step's batch [accum, B / accum, ...] (token windows or chat dicts), placed."""
+    return self.data.next_batch(self.cfg.train.grad_accum, self.batch_sharding)
 
   def evaluate(self) -> dict:
-    """Validation loss (nats/token) and bits-per-byte over the fixed validation windows."""
-    batch_size = self.cfg.train.batch_size // self.cfg.train.grad_accum
-    # Whole batches only, so one shape compiles (__init__ checked there is at least one).
-    count = len(self.val_data) // batch_size * batch_size
-    total, counted = 0.0, 0.0
-    per_process = batch_size // jax.process_count()
-    for start in range(0, count, batch_size):
-      rows = self.val_data[start + jax.process_index() * per_process:][:per_process]
-      batch = sharding.global_batch(rows.astype(np.int32), self.eval_sharding)
-      loss_sum, weight_sum = self.eval_step(self.state.params, self.state.frozen,
-                                            self.state.rest, batch)
-      total, counted = total + float(loss_sum), counted + float(weight_sum)
-      faults.maybe_kill("mid_eval", self.step)
-    val_loss = total / counted
-    bits_per_byte = val_loss / math.log(2) / self.val_stream.bytes_per_token
-    return {"val_loss": val_loss, "val_bpb": bits_per_byte}
+    """val_loss (nats per counted token) over the fixed validation batches; val_bpb for text."""
+    return evaluation.evaluate(self.eval_step, self.state, self.data, self.eval_sharding,
+                               self.step)
 
   def sample(self) -> str:
-    train = self.cfg.train
-    return generate_text(self.model(), self.tokenizer, train.sample_prompt, train.sample_tokens,
-                         temperature=0.8, top_k=50, seed=self.step)
+    return evaluation.sample(self.model(), self.tokenizer, self.cfg, self.step)
 
   def _save(self, metrics: dict, best: bool = False) -> None:
     if self.is_main:
@@ -274,8 +250,9 @@ class Trainer:
       result["sample"] = self.sample()
     self.log.write({"step": step, "tokens": step * self.tokens_per_step} | result)
     if self.is_main:
-      tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, "
-                 f"val bpb {result['val_bpb']:.4f}\n  sample: {result.get('sample', '')!r}")
+      bpb = f", val bpb {result['val_bpb']:.4f}" if "val_bpb" in result else ""
+      tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}{bpb}\n"
+                 f"  sample: {result.get('sample', '')!r}")
     self._save(result, best=best)
     return result
 

@@ -23,8 +23,9 @@ DATA_LOCATION_KEYS = ("cache_dir", "tokenizer_path")
 def _data_identity(data: dict) -> dict:
   """The data section as what it is: a local path by where it resolves to, not its spelling."""
   identity = {key: value for key, value in data.items() if key not in DATA_LOCATION_KEYS}
-  if os.path.exists(identity["path"]):
-    identity["path"] = os.path.realpath(identity["path"])
+  for section in (identity, identity.get("chat", {})):
+    if section.get("path") and os.path.exists(section["path"]):
+      section["path"] = os.path.realpath(section["path"])
   return identity
 
 

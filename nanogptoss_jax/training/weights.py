@@ -17,6 +17,7 @@ from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import axes, layer_stack
 from nanogptoss_jax.model.gptoss import layer_layout
 from nanogptoss_jax.parallel import rules
+from nanogptoss_jax.pretrained import hub
 from nanogptoss_jax.training import checkpoints as ckpt
 from nanogptoss_jax.training.checksums import CHECKSUMS_FILE
 from nanogptoss_jax.training.run_config import RunConfig
@@ -59,10 +60,12 @@ def _best_step_dir(root: pathlib.Path) -> pathlib.Path:
 def describe_source(path: str) -> dict:
   """{"path", "sha256"} of an init_from source: the bytes of the run step or published files
   that are read (a run step's sealed checksums stand for its files)."""
+  if hub.is_hub_id(path):  # owner/name[/folder][@revision]: its fetched files (cached once)
+    path = hub.resolve(path)
   root = pathlib.Path(path)
   if not root.is_dir():
     raise SourceError(f"init_from={path} is not a directory; give a run directory (train.py's "
-                      "run_dir) or a published gpt-oss checkpoint directory")
+                      "run_dir), a published gpt-oss checkpoint directory or a hub id")
   if is_run_directory(root):
     step = _best_step_dir(root)
     sealed = step / CHECKSUMS_FILE
@@ -74,6 +77,28 @@ def describe_source(path: str) -> dict:
                       "*.safetensors (a published checkpoint)")
   logging.info("hashing %d files of %s", len(files), root)
   return {"path": str(root.resolve()), "sha256": _hash_files(files, root)}
+
+
+def source_tokenizer(cfg: RunConfig):
+  """The tokenizer of init_from's run, whose model ids its weights were trained on; None when
+  the run starts from its seed or from a published checkpoint (the full vocabulary)."""
+  root = pathlib.Path(cfg.train.init_from)
+  if not cfg.train.init_from or not is_run_directory(root):
+    return None
+  ckpt.use_run_tokenizer_file(root)  # a new run directory carries no BPE file yet
+  return run_description(root)[1]
+
+
+def run_description(root: pathlib.Path) -> tuple[RunConfig, object]:
+  """(config, tokenizer) of a run directory, read from the step load_checkpoint reads first
+  (every step of a run holds the same ones)."""
+  step = _best_step_dir(root)
+  manager = ckpt.read_only_manager(step.parent)
+  try:
+    _, _, meta = ckpt.restore_step(manager, int(step.name), None, meta_only=True)
+  finally:
+    manager.close()
+  return ckpt.read_meta(meta)
 
 
 def check_source(saved: dict | None, cfg: RunConfig) -> None:
