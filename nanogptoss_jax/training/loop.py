@@ -15,7 +15,7 @@ from tqdm import tqdm
 from nanogptoss_jax.data.bpe import use_bpe_file
 from nanogptoss_jax.data.streams import prepare_data
 from nanogptoss_jax.data.tokenizer import Tokenizer
-from nanogptoss_jax.data.windows import make_train_iterator, val_windows
+from nanogptoss_jax.data.windows import val_windows
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.sampling.text import generate_text
@@ -28,8 +28,9 @@ from nanogptoss_jax.training.optimizer import lr_schedule
 from nanogptoss_jax.training.resume import check_resumable
 from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
 from nanogptoss_jax.training.state import abstract_train_state, merge_model
-from nanogptoss_jax.training.step import make_eval_step, make_train_step
+from nanogptoss_jax.training.step import make_eval_step
 from nanogptoss_jax.training.stop_request import StopRequest
+from nanogptoss_jax.training.teacher import Distillation
 
 PLOT_FILE = "loss.png"
 RECENT_LOSSES_KEY = "recent_train_losses"  # in a checkpoint's metrics
@@ -86,17 +87,15 @@ class Trainer:
           f"--config.train.batch_size")
     self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))  # [accum, B, T+1]
     self.eval_sharding = sharding.batch_sharding(self.mesh)
-    self.train_step = jax.jit(
-        make_train_step(self.graphdef, cfg, tx, self.mesh),
-        in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, None), donate_argnums=0)
+    self.distill = Distillation(cfg, self.mesh, self.tokenizer, resume)  # the teacher, if any
+    self.train_step = self.distill.jit_train_step(self.graphdef, tx, self.state_shardings,
+                                                  self.batch_sharding)
     eval_fn = make_eval_step(self.graphdef, self.mesh)
     self.eval_step = jax.jit(eval_fn, in_shardings=(
         self.state_shardings.params, self.state_shardings.frozen, self.state_shardings.rest,
         self.eval_sharding))
-    self.data_iter = make_train_iterator(
-        self.train_stream, cfg.train.context_len, cfg.train.batch_size, cfg.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    self.data_iter = self.distill.train_iterator(
+        self.train_stream, process_index=jax.process_index(), process_count=jax.process_count())
     self.best_val = math.inf
     self._recent_losses = []  # train losses since the last eval
     if resume:
@@ -120,7 +119,7 @@ class Trainer:
       logging.warning("resumed from step %d in %s", step, self.run_dir)
     else:
       self.log.set_aside()  # a run that crashed before its first checkpoint left rows there
-      self.source = weights.source_record(cfg)
+      self.source = self.distill.source(weights.source_record(cfg))
       self.state = weights.initial_state(cfg, tx, self.state_shardings)
     self.lr_schedule = lr_schedule(cfg.optim, cfg.train.steps)
     self._tokens_per_s = 0.0
@@ -145,10 +144,11 @@ class Trainer:
     """The current model (a view on the train state's arrays)."""
     return merge_model(self.graphdef, self.state)
 
-  def _next_batch(self) -> jax.Array:
-    local = np.asarray(next(self.data_iter), dtype=np.int32)  # [b, T + 1] this process's rows
-    local = local.reshape(self.cfg.train.grad_accum, -1, local.shape[-1])  # [accum, b / accum, T + 1]
-    return sharding.global_batch(local, self.batch_sharding)
+  def _next_batch(self):
+    # This process's rows [b, T + 1] (or a dict of [b, ...] arrays) -> [accum, b / accum, ...]
+    accum = self.cfg.train.grad_accum
+    return jax.tree.map(lambda local: sharding.global_batch(
+        local.reshape(accum, -1, *local.shape[1:]), self.batch_sharding), next(self.data_iter))
 
   def evaluate(self) -> dict:
     """Validation loss (nats/token) and bits-per-byte over the fixed validation windows."""
@@ -248,7 +248,7 @@ class Trainer:
     self._recent_losses.append(loss)
     row = {"step": step, "tokens": step * self.tokens_per_step, "loss": loss,
            "grad_norm": grad_norm, "lr": float(self.lr_schedule(step - 1))}
-    for key in ("load_balance_loss", "router_z_loss"):
+    for key in ("load_balance_loss", "router_z_loss", "ce", "kl"):  # ce, kl: distillation's
       if key in metrics:
         row[key] = float(metrics[key])
     if "expert_load" in metrics:
