@@ -21,7 +21,7 @@ from train_helpers import TINY_VOCAB, tiny_run
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
-ALPHA, TAU = 0.5, 1.5
+ALPHA, TAU = 0.7, 1.5
 FEW_STORIES = 20  # a small stream, so a cache of every id (k = V) stays a few MB
 
 
