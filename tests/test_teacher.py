@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nanogptoss_jax.data.streams import prepare_data
 from nanogptoss_jax.data.teacher_rows import TeacherCacheError
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.training import checkpoints as ckpt
 from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.loop import Trainer, train
-from nanogptoss_jax.training.teacher_cache import precompute
+from nanogptoss_jax.training.teacher_cache import precompute, rows_function
 from train_helpers import tiny_run
 
 torch = pytest.importorskip("torch")
@@ -166,3 +167,40 @@ def test_offline_resumes_loss_for_loss_and_refuses_a_changed_teacher(teacher_run
     sealed.write_text(original)
   assert "\n" not in str(error.value)
   assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+
+
+def test_sampled_rows_follow_their_window_and_train_as_the_estimator_says(teacher_run,
+                                                                         tmp_path):
+  """Each window's draws depend on its index alone (not on how the precompute batches), and a
+  step's loss is (1 - a) CE + a tau^2 mean over draws of log p - log s_tau at the drawn ids."""
+  cfg = student(teacher_run, tmp_path / "sampled", kd_mode="sampled")
+  teacher, _ = weights.load_checkpoint(teacher_run.run_dir)
+  graphdef, state = nnx.split(teacher)
+  rows = rows_function(graphdef, None, cfg)
+  windows = np.arange(5, 11)
+  length = cfg.train.context_len
+  ids = np.asarray(prepare_data(cfg.data)[1].ids)
+  inputs = ids[windows[:, None] * length + np.arange(length)].astype(np.int32)
+  together = jax.device_get(rows(state, inputs, windows))
+  apart = [jax.device_get(rows(state, inputs[i:i + 2], windows[i:i + 2])) for i in (0, 2, 4)]
+  for name, value in together.items():
+    np.testing.assert_array_equal(np.concatenate([part[name] for part in apart]), value)
+  # The draws follow the teacher: log p at each drawn id is the teacher's own log-prob there.
+  np.testing.assert_allclose(together["log_probs"], np.take_along_axis(
+      log_softmax(np.asarray(teacher(inputs)) / TAU), together["ids"], -1), atol=2e-5)
+
+  precompute(cfg, batch_windows=64, progress=False)
+  trainer = Trainer(cfg, progress=False)
+  batch = trainer._next_batch()
+  inputs, targets = (np.asarray(batch[key][0]) for key in ("inputs", "targets"))
+  student_logits = np.asarray(trainer.model()(inputs), np.float64)
+  trainer.state, metrics = trainer.train_step(trainer.state, batch)
+  trainer.close()
+  s = torch.tensor(student_logits)
+  ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), torch.tensor(targets, dtype=torch.long)
+                       .reshape(-1))
+  log_s = F.log_softmax(s / TAU, -1).gather(-1, torch.tensor(
+      np.asarray(batch["teacher_ids"][0]), dtype=torch.long))
+  log_p = torch.tensor(np.asarray(batch["teacher_log_probs"][0]), dtype=torch.float64)
+  want = (1 - ALPHA) * ce + ALPHA * TAU ** 2 * (log_p - log_s).mean()
+  np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=2e-5)
