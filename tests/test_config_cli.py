@@ -182,7 +182,8 @@ def test_gpt2_twins_match_their_gpt_oss_config():
 def test_validate_lists_every_broken_rule(run):
   bad = dataclasses.replace(
       run, data=DataConfig(compact_vocab_size=0),
-      train=TrainConfig(steps=0, batch_size=6, grad_accum=4, eval_every=0),
+      train=TrainConfig(steps=0, batch_size=6, grad_accum=4, eval_every=0, kd_mode="nope",
+                        kd_alpha=1.5, kd_temperature=0.0, kd_k=0),
       optim=dataclasses.replace(run.optim, lr=1e-4, min_lr=1e-3))
   with pytest.raises(ConfigError) as error:
     validate_run_config(bad)
@@ -192,6 +193,9 @@ def test_validate_lists_every_broken_rule(run):
                    "train.steps=0 must be > 0",
                    "train.batch_size=6 must be a positive multiple of train.grad_accum=4",
                    "train.eval_every=0 must be > 0",
+                   "train.kd_mode='nope' must be one of ('online', 'top_k', 'sampled')",
+                   "train.kd_alpha=1.5 must be in [0, 1]",
+                   "train.kd_temperature=0.0 must be > 0", "train.kd_k=0 must be > 0",
                    "optim.min_lr=0.001 must be in [0, optim.lr=0.0001]"):
     assert expected in message
   # A warmup longer than the run is allowed: the schedule clips it.

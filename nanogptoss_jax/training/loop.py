@@ -27,8 +27,9 @@ from nanogptoss_jax.training.resume import check_resumable
 from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
 from nanogptoss_jax.training.run_data import open_run_data
 from nanogptoss_jax.training.state import abstract_train_state, merge_model
-from nanogptoss_jax.training.step import make_eval_step, make_train_step
+from nanogptoss_jax.training.step import make_eval_step
 from nanogptoss_jax.training.stop_request import StopRequest
+from nanogptoss_jax.training.teacher import Distillation
 
 PLOT_FILE = "loss.png"
 RECENT_LOSSES_KEY = "recent_train_losses"  # in a checkpoint's metrics
@@ -80,15 +81,14 @@ class Trainer:
           f"{self.mesh.size} devices; make it a multiple of {self.mesh.size}")
     self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))  # [accum, B, T]
     self.eval_sharding = sharding.batch_sharding(self.mesh)
-    self.train_step = jax.jit(
-        make_train_step(self.graphdef, cfg, tx, self.mesh),
-        in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, None), donate_argnums=0)
+    self.distill = Distillation(cfg, self.mesh, self.tokenizer, resume)  # the teacher, if any
+    self.train_step = self.distill.jit_train_step(self.graphdef, tx, self.state_shardings,
+                                                  self.batch_sharding)
     eval_fn = make_eval_step(self.graphdef, self.mesh)
     self.eval_step = jax.jit(eval_fn, in_shardings=(
         self.state_shardings.params, self.state_shardings.frozen, self.state_shardings.rest,
         self.eval_sharding))
-    self.data_iter = self.data.iterator
+    self.data_iter = self.data.iterator = self.distill.train_iterator(self.data)
     self.best_val = math.inf
     self._recent_losses = []  # train losses since the last eval
     if resume:
@@ -112,7 +112,7 @@ class Trainer:
       logging.warning("resumed from step %d in %s", step, self.run_dir)
     else:
       self.log.set_aside()  # a run that crashed before its first checkpoint left rows there
-      self.source = weights.source_record(cfg)
+      self.source = self.distill.source(weights.source_record(cfg))
       self.state = weights.initial_state(cfg, tx, self.state_shardings)
     self.lr_schedule = lr_schedule(cfg.optim, cfg.train.steps)
     self._tokens_per_s = 0.0
@@ -224,7 +224,7 @@ class Trainer:
     self._recent_losses.append(loss)
     row = {"step": step, "tokens": step * self.tokens_per_step, "loss": loss,
            "grad_norm": grad_norm, "lr": float(self.lr_schedule(step - 1))}
-    for key in ("load_balance_loss", "router_z_loss"):
+    for key in ("load_balance_loss", "router_z_loss", "ce", "kl"):  # ce, kl: distillation's
       if key in metrics:
         row[key] = float(metrics[key])
     if "expert_load" in metrics:

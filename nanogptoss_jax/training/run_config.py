@@ -52,6 +52,14 @@ class TrainConfig:
   # Start from these weights instead of the seed: a run directory or a published gpt-oss
   # checkpoint directory. Parameters the source lacks (adapters) keep their initial values.
   init_from: str = ""
+  # Distillation (training/teacher.py): a run directory or a published gpt-oss directory (MXFP4
+  # experts kept) whose model teaches; "" trains on the labels alone. Per counted token the loss
+  # is (1 - kd_alpha) CE + kd_alpha tau^2 KL(teacher_tau || student_tau), tau = kd_temperature.
+  teacher: str = ""
+  kd_mode: str = "online"  # KD_MODES: the teacher runs in the step, or its rows are read
+  kd_alpha: float = 0.5
+  kd_temperature: float = 1.0
+  kd_k: int = 32  # ids per token an offline cache holds (top-k, or samples drawn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,10 @@ class RunConfig:
   # says otherwise, and checkpoints hold them without the base.
   lora: LoraConfig | None = None
 
+
+# online: the frozen teacher runs inside the jitted step; top_k / sampled: its rows are read from
+# a cache that `python -m nanogptoss_jax.commands.teacher_cache` wrote (training/teacher_cache.py).
+KD_MODES = ("online", "top_k", "sampled")
 
 # A GPT-2 twin's run_dir: the GPT-OSS run's folder name, prefixed (runs/nano -> runs/gpt2_nano).
 GPT2_RUN_PREFIX = "gpt2_"
@@ -125,6 +137,10 @@ def _run_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
       (train.loss in tuple(LOSSES), f"train.loss={train.loss!r} must be one of {tuple(LOSSES)}"),
       (_is_regex(train.trainable),
        f"train.trainable={train.trainable!r} must be a regular expression over parameter paths"),
+      (train.kd_mode in KD_MODES, f"train.kd_mode={train.kd_mode!r} must be one of {KD_MODES}"),
+      (0 <= train.kd_alpha <= 1, f"train.kd_alpha={train.kd_alpha} must be in [0, 1]"),
+      (train.kd_temperature > 0, f"train.kd_temperature={train.kd_temperature} must be > 0"),
+      (train.kd_k > 0, f"train.kd_k={train.kd_k} must be > 0"),
       (optim.lr > 0, f"optim.lr={optim.lr} must be > 0"),
       (0 <= optim.min_lr <= optim.lr,
        f"optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]"),

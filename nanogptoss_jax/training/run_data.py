@@ -35,6 +35,7 @@ class RunData:
   val_batches: list  # this process's rows of each evaluation batch (arrays or dicts)
   # Bytes of text per token for bits per byte; None for chats (their loss is per trained token).
   bytes_per_token: float | None
+  train_stream: Any = None  # text runs: the training tokens (an offline teacher's cache key)
 
   def next_batch(self, grad_accum: int, batch_sharding) -> Any:
     """The next training batch, split into micro-batches [accum, B / accum, ...] and placed."""
@@ -76,7 +77,7 @@ def _text_data(cfg: RunConfig, tokenizer: Tokenizer | None) -> RunData:
   iterator = make_train_iterator(train_stream, train.context_len, train.batch_size, train.seed,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
-  return RunData(tokenizer, iterator, batches, val_stream.bytes_per_token)
+  return RunData(tokenizer, iterator, batches, val_stream.bytes_per_token, train_stream)
 
 
 def chat_tokenizer(cfg: RunConfig) -> Tokenizer:

@@ -47,33 +47,34 @@ def _hash_files(files: list[pathlib.Path], root: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def _best_step_dir(root: pathlib.Path) -> pathlib.Path:
+def _best_step_dir(root: pathlib.Path, field: str = "init_from") -> pathlib.Path:
   """The step directory load_checkpoint reads first: best/, else the newest periodic one."""
   for sub in (ckpt.BEST_DIR, ckpt.PERIODIC_DIR):
     steps = sorted((int(p.name) for p in (root / sub).glob("*") if p.name.isdigit()),
                    reverse=True) if (root / sub).is_dir() else []
     if steps:
       return root / sub / str(steps[0])
-  raise SourceError(f"init_from={root} holds no checkpoint step")
+  raise SourceError(f"{field}={root} holds no checkpoint step")
 
 
-def describe_source(path: str) -> dict:
-  """{"path", "sha256"} of an init_from source: the bytes of the run step or published files
-  that are read (a run step's sealed checksums stand for its files)."""
+def describe_source(path: str, field: str = "init_from") -> dict:
+  """{"path", "sha256"} of an init_from source (or of the config `field` naming one, e.g. a
+  teacher): the bytes of the run step or published files that are read (a run step's sealed
+  checksums stand for its files)."""
   if hub.is_hub_id(path):  # owner/name[/folder][@revision]: its fetched files (cached once)
     path = hub.resolve(path)
   root = pathlib.Path(path)
   if not root.is_dir():
-    raise SourceError(f"init_from={path} is not a directory; give a run directory (train.py's "
+    raise SourceError(f"{field}={path} is not a directory; give a run directory (train.py's "
                       "run_dir), a published gpt-oss checkpoint directory or a hub id")
   if is_run_directory(root):
-    step = _best_step_dir(root)
+    step = _best_step_dir(root, field)
     sealed = step / CHECKSUMS_FILE
     files = [sealed] if sealed.is_file() else [p for p in step.rglob("*") if p.is_file()]
     return {"path": str(root.resolve()), "sha256": _hash_files(files, step)}
   files = sorted({p for pattern in PUBLISHED_FILES for p in root.glob(pattern)})
   if not any(p.suffix == ".safetensors" for p in files):
-    raise SourceError(f"init_from={path} holds neither checkpoints/ nor best/ (a run) nor "
+    raise SourceError(f"{field}={path} holds neither checkpoints/ nor best/ (a run) nor "
                       "*.safetensors (a published checkpoint)")
   logging.info("hashing %d files of %s", len(files), root)
   return {"path": str(root.resolve()), "sha256": _hash_files(files, root)}
