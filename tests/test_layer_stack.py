@@ -120,8 +120,11 @@ def test_auto_scans_deep_models_and_stacked_axes_are_never_sharded():
   stacked = ("layers", "experts", "embed")
   assert rules.param_spec(stacked, (8, 4, 6), {"fsdp": 2}) == jax.sharding.PartitionSpec(
       None, None, "fsdp")
-  assert rules.param_spec(stacked[1:] + ("expert_mlp",), (8, 4, 6), {"fsdp": 2}) == (
-      jax.sharding.PartitionSpec("fsdp", None, None))
+  assert rules.param_spec(("embed", "expert_mlp"), (8, 6), {"fsdp": 2}) == (
+      jax.sharding.PartitionSpec("fsdp", None))
+  # Experts are the expert axis's to split (stacked or not), fsdp takes the next largest.
+  assert rules.param_spec(stacked, (8, 4, 6), {"fsdp": 2, "expert": 4}) == (
+      jax.sharding.PartitionSpec(None, "expert", "fsdp"))
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,13 @@ def test_configs_saved_before_the_execution_config_still_load():
   assert cfg.execution.dtype == "bfloat16" and cfg.execution.layers_impl == "scan"
   assert cfg.execution.remat == "matmuls" and cfg.execution.fsdp == 2
   assert cfg.model.num_hidden_layers == 2 and cfg.train.steps == 5
+  # A config that named the expert axis's size under `train` (as issue 27 first put it), and one
+  # saved with an execution section from before the expert and tensor axes: their defaults.
+  moved = config_from_dict({**saved, "train": {"expert": 4}})
+  assert moved.execution.expert == 4 and moved.execution.tensor == 1
+  older = config_from_dict({"model_kind": "gpt_oss", "model": {}, "execution": {"fsdp": 2}})
+  assert older.execution.expert == older.execution.tensor == 1
+  assert older.execution.expert_capacity == 0
 
 
 def test_a_checkpoint_naming_the_router_gate_resumes_loss_for_loss(base_run, tmp_path,

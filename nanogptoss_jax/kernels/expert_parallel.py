@@ -16,12 +16,14 @@ Two ways to reach the experts, by where the tokens are:
   decode step moves [M, D] activations and never a weight (as jax-llm-examples decodes).
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from nanogptoss_jax.kernels import moe_dispatch
 from nanogptoss_jax.kernels.moe_dispatch import combine
 
 
@@ -63,12 +65,54 @@ def _exchange(t, top_experts, top_weights, w1, b1, w2, b2, *, activation, matmul
   return combine(y, top_weights)[None], dropped[None]
 
 
+def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+  return jnp.cumsum(x, axis=axis) - x
+
+
+def _exchange_ragged(t, top_experts, top_weights, w1, b1, w2, b2, *, activation, matmul, axis,
+                     slots):
+  """`_exchange` with `ragged_all_to_all` (GPU, TPU): each device sends each expert exactly its
+  assignments, dropless; received rows land grouped by local expert, for `ragged_dot`."""
+  del matmul, slots  # grouped matmuls; every assignment travels
+  t, top_experts, top_weights = t[0], top_experts[0], top_weights[0]
+  local, hidden = w1.shape[0], t.shape[1]
+  devices, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+  num_experts = local * devices
+  order, expert, token = moe_dispatch.sort_assignments(top_experts)
+  sent = t[token]  # [A, D] sorted by expert, so by destination device
+  mine = jnp.bincount(expert, length=num_experts).astype(jnp.int32)  # [E]
+  counts = jax.lax.all_gather(mine, axis)  # [X, E]: what each device sends each expert
+  # Device j's buffer: its experts in order, each one's rows from devices 0..X-1 in order.
+  base = _exclusive_cumsum(counts.sum(0).reshape(devices, local)).reshape(-1)  # [E]
+  before = _exclusive_cumsum(counts, axis=0)  # [X, E]: rows of lower devices per expert
+  sources = _exclusive_cumsum(counts)  # [X, E]: each expert's first row on each sender
+  here = lambda m: jax.lax.dynamic_slice_in_dim(m, me * local, local, axis=-1)  # my experts
+  received = jax.lax.ragged_all_to_all(
+      sent, jnp.zeros((devices * sent.shape[0], hidden), t.dtype), sources[me], mine,
+      base + before[me], here(counts).reshape(-1), axis_name=axis)  # [X * A, D]
+  sizes = here(counts).sum(0)  # [E/X] rows per local expert
+  row_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(received.shape[0]),
+                                            side="right"), local - 1)
+  h = jax.lax.ragged_dot(received, w1, sizes) + b1[row_expert]  # [X * A, 2F]
+  y = jax.lax.ragged_dot(activation(h), w2, sizes) + b2[row_expert]  # [X * A, D]
+  # Back the same way: slot (s, e) of my buffer returns to where sender s took it from.
+  returned = jax.lax.ragged_all_to_all(
+      y.astype(t.dtype), jnp.zeros_like(sent), (here(base)[None] + here(before)).reshape(-1),
+      here(counts).reshape(-1), here(sources).reshape(-1), mine, axis_name=axis)  # [A, D]
+  y = jnp.zeros_like(returned).at[order].set(returned)  # assignment order
+  # No drops; a count of zero derived from the routing, so it varies over devices as _exchange's.
+  return combine(y, top_weights)[None], jnp.sum(top_experts < 0)[None]
+
+
 def exchanged_experts(t, top_experts, top_weights, weights, *, activation: Callable,
                       matmul: Callable, batch_axes: tuple[str, ...], expert_axis: str,
-                      capacity_factor: float = 0.0):
+                      capacity_factor: float = 0.0, ragged: bool | None = None):
   """t [P, M, D] with P = the devices of `batch_axes` (one group each), routing [P, M, C],
   weights (w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D]) -> (out [P, M, D] float32,
-  dropped assignments per group [P])."""
+  dropped assignments per group [P]).
+
+  `ragged` None: fixed slots on the CPU, `ragged_all_to_all` (dropless, whatever the capacity)
+  on the platforms that have it, chosen by the platform the program is lowered for."""
   slots = capacity(t.shape[1], top_experts.shape[2], weights[0].shape[0], capacity_factor)
   rows, experts = P(batch_axes), P(expert_axis)
   others = tuple(axis for axis in batch_axes if axis != expert_axis)
@@ -77,8 +121,13 @@ def exchanged_experts(t, top_experts, top_weights, weights, *, activation: Calla
     # Each device's weights as varying over the batch's other axes too, so that custom VJPs
     # (the matmul kernel) see operands and gradients of one type; their transpose sums them.
     w1, b1, w2, b2 = jax.lax.pcast((w1, b1, w2, b2), others, to="varying")
-    return _exchange(t, top_experts, top_weights, w1, b1, w2, b2, activation=activation,
-                     matmul=matmul, axis=expert_axis, slots=slots)
+    options = dict(activation=activation, matmul=matmul, axis=expert_axis, slots=slots)
+    dense = functools.partial(_exchange, **options)
+    sparse = functools.partial(_exchange_ragged, **options)
+    args = (t, top_experts, top_weights, w1, b1, w2, b2)
+    if ragged is None:  # XLA:CPU has no ragged-all-to-all (jax#34755)
+      return jax.lax.platform_dependent(*args, cpu=dense, default=sparse)
+    return (sparse if ragged else dense)(*args)
 
   return jax.shard_map(part, in_specs=(rows, rows, rows) + (experts,) * 4,
                        out_specs=(rows, rows))(t, top_experts, top_weights, *weights)
