@@ -10,6 +10,7 @@ the adapters trains. Sized for one GPU: `--config.train.init_from=DIR` reads a l
 from nanogptoss_jax.data.config import ChatDataConfig, DataConfig
 from nanogptoss_jax.model.config import GPT_OSS_20B
 from nanogptoss_jax.model.execution import ExecutionConfig
+from nanogptoss_jax.model.lora import LoraConfig
 from nanogptoss_jax.training.run_config import OptimConfig, RunConfig, TrainConfig
 
 CONVERSATIONS = 1000  # HuggingFaceH4/Multilingual-Thinking's one split
@@ -31,9 +32,8 @@ def get_config() -> RunConfig:
       train=TrainConfig(
           steps=steps, batch_size=BATCH, grad_accum=4, context_len=2048, eval_every=20,
           ckpt_every=20, sample_prompt="¿Cuál es la capital de Australia?", sample_tokens=256,
-          init_from="openai/gpt-oss-20b",
-          # Only the adapters train: LoRA r 8, alpha 16 on q, k, v, o and the experts' two
-          # matrices, set here as lora=LoraConfig(rank=8, alpha=16) once RunConfig.lora exists.
-          trainable="lora_"),
+          init_from="openai/gpt-oss-20b"),
+      # Only the adapters train: r 8, alpha 16 on q, k, v, o and the experts' two matrices.
+      lora=LoraConfig(rank=8, alpha=16),
       run_dir="runs/finetune_20b_lora",
   )

@@ -33,6 +33,12 @@ def _use_offline_tiktoken_cache() -> None:
 # At import, before any test module loads tiktoken.
 _use_offline_tiktoken_cache()
 
+# XLA's compiled programs on disk, shared by the xdist workers and the commands tests start:
+# many tests compile the same tiny train step, and each fault-injection run compiles it again
+# in a fresh process. Set here, before anything imports JAX, so subprocesses inherit it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
+
 
 # What the tests compare against or drive; without one, its tests skip on a laptop, but a CI
 # run that skipped them would pass having proven nothing.

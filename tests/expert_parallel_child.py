@@ -20,7 +20,7 @@ from nanogptoss_jax.parallel.mesh import make_mesh
 from nanogptoss_jax.training.losses import next_token_loss
 from nanogptoss_jax.training.run_config import RunConfig
 from nanogptoss_jax.training.step import on_mesh
-from reference import relative_error
+from tests.factories import relative_error
 
 MODEL = GptOssConfig(num_hidden_layers=2, num_experts=8, experts_per_token=2, vocab_size=128,
                      hidden_size=32, intermediate_size=32, head_dim=8, num_attention_heads=4,

@@ -5,15 +5,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import nanogptoss_jax as ng
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.model.lora import LoraConfig, add_lora
+from tests.factories import tiny_config
 
 # Three layers: the scan layout then has a stacked pair and a lone last block.
-CFG = ng.GptOssConfig(num_hidden_layers=3, num_experts=4, experts_per_token=2, vocab_size=64,
-                      hidden_size=32, intermediate_size=32, head_dim=8, num_attention_heads=4,
-                      num_key_value_heads=2, sliding_window=4, rope_scaling_factor=1.0)
+CFG = tiny_config(num_hidden_layers=3, vocab_size=64, intermediate_size=32, head_dim=8,
+                  sliding_window=4)
 LORA = LoraConfig(rank=4, alpha=8.0)
 
 

@@ -22,7 +22,7 @@ from nanogptoss_jax.training.config_io import config_from_dict, config_to_dict
 from nanogptoss_jax.training.faults import FAULT_ENV
 from nanogptoss_jax.training.losses import token_losses
 from nanogptoss_jax.training.loop import Trainer, train
-from train_helpers import tiny_chat_run, tiny_run, write_sum_chats
+from tests.train_helpers import tiny_chat_run, tiny_run, write_sum_chats
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_TEXT = """from train_helpers import tiny_chat_run
@@ -188,7 +188,7 @@ def test_a_chat_run_opens_in_harmony_and_stops_on_its_own_return_and_call_ids(ba
 def test_the_fine_tuning_configs_load_and_validate():
   from nanogptoss_jax.model.config import GPT_OSS_20B
   from nanogptoss_jax.training.config_files import load_config_file
-  from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
+  from nanogptoss_jax.training.run_config import validate_run_config
   nano = load_config_file(REPO / "configs" / "nano.py")
   tuned = load_config_file(REPO / "configs" / "finetune_nano_chat.py")
   validate_run_config(tuned)
@@ -202,5 +202,4 @@ def test_the_fine_tuning_configs_load_and_validate():
   assert (qlora.optim.lr, qlora.train.context_len, qlora.train.init_from) == (
       2e-4, 2048, "openai/gpt-oss-20b")
   assert 0 < qlora.optim.warmup_steps < qlora.train.steps and qlora.optim.min_lr < qlora.optim.lr
-  if "lora" in {f.name for f in dataclasses.fields(RunConfig)}:  # once LoRA lands
-    assert (qlora.lora.rank, qlora.lora.alpha) == (8, 16)
+  assert (qlora.lora.rank, qlora.lora.alpha) == (8, 16)

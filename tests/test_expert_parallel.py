@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nanogptoss_jax.training.loop import train
-from train_helpers import tiny_run
+from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5

@@ -16,8 +16,8 @@ from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.distillation import vocab_map
 from nanogptoss_jax.training.loop import Trainer
 from nanogptoss_jax.training.teacher_cache import precompute
-from pretrained_helpers import write_original
-from train_helpers import TINY_VOCAB, tiny_run
+from tests.pretrained_helpers import write_original
+from tests.train_helpers import TINY_VOCAB, tiny_run
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

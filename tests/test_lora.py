@@ -10,8 +10,8 @@ from flax import nnx
 
 from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.lora import LoraConfig, add_lora, lora_filter
-from lora_helpers import CFG, LORA, base_model, dense_weights, lora_model
-from reference import relative_error
+from tests.lora_helpers import CFG, LORA, base_model, dense_weights, lora_model
+from tests.factories import relative_error
 
 TOKENS = jax.random.randint(jax.random.key(5), (2, 9), 0, CFG.vocab_size)
 COTANGENT = jax.random.normal(jax.random.key(6), (2, 9, CFG.vocab_size))

@@ -10,9 +10,9 @@ from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.lora import add_lora, has_lora
 from nanogptoss_jax.model.lora_merge import merge_cost, merge_lora
 from nanogptoss_jax.model.quantize import quantize
-from lora_helpers import CFG, LORA, base_model, dense_weights, lora_model, randomize
+from tests.lora_helpers import CFG, LORA, base_model, dense_weights, lora_model, randomize
 from test_qlora import dequantized
-from reference import relative_error
+from tests.factories import relative_error
 
 TOKENS = jax.random.randint(jax.random.key(5), (2, 9), 0, CFG.vocab_size)
 

@@ -14,7 +14,7 @@ from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.config_files import apply_overrides
 from nanogptoss_jax.training.config_io import config_from_dict, config_to_dict
 from nanogptoss_jax.training.loop import Trainer, train
-from train_helpers import tiny_run
+from tests.train_helpers import tiny_run
 
 
 @pytest.fixture(scope="module")

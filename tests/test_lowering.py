@@ -168,3 +168,22 @@ def test_pallas_named_on_gpu_lowers_inside_a_train_step():
   graphdef, state, tx = abstract_train_state(cfg)
   batch = jax.ShapeDtypeStruct((1, 2, cfg.train.context_len + 1), jnp.int32)
   assert TRITON in custom_calls(lowered(make_train_step(graphdef, cfg, tx), "cuda", state, batch))
+
+
+@pytest.mark.parametrize("platform", TARGETS)
+def test_qlora_step_lowers_at_20b_with_the_experts_as_published(platform):
+  """configs/finetune_20b_lora.py's step (r 8 adapters on attention and experts, MXFP4 experts
+  decoded inside it, remat) on one 2,048-token conversation: only adapters are differentiated
+  and the experts enter the program as bytes."""
+  cfg = run_config("finetune_20b_lora", platform)
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=1,
+                                                           grad_accum=1))
+  graphdef, state, tx = abstract_train_state(cfg)
+  trained = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(state.params)]
+  assert trained and all(".lora_" in name for name in trained), trained[:4]
+  length = cfg.train.context_len
+  tokens = jax.ShapeDtypeStruct((1, 1, length), jnp.int32)
+  batch = {"inputs": tokens, "targets": tokens, "positions": tokens,
+           "weights": jax.ShapeDtypeStruct((1, 1, length), jnp.float32)}
+  text = lowered(make_train_step(graphdef, cfg, tx), platform, state, batch)
+  assert "xui8>" in text

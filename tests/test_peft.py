@@ -15,8 +15,8 @@ from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import GptOss, from_loop_flat_state
 from nanogptoss_jax.model.lora import LoraConfig, add_lora
 from nanogptoss_jax.pretrained.export import save_pretrained
-from lora_helpers import randomize
-from reference import relative_error
+from tests.lora_helpers import randomize
+from tests.factories import relative_error
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -12,8 +12,8 @@ from nanogptoss_jax.model import mxfp4
 from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.model.lora import add_lora, lora_filter
 from nanogptoss_jax.model.quantize import quantize
-from lora_helpers import CFG, LORA, base_model, randomize
-from reference import relative_error
+from tests.lora_helpers import CFG, LORA, base_model, randomize
+from tests.factories import relative_error
 
 COTANGENT_SEED = 6
 

@@ -18,7 +18,7 @@ from nanogptoss_jax.training import checkpoints as ckpt
 from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.loop import Trainer, train
 from nanogptoss_jax.training.teacher_cache import precompute, rows_function
-from train_helpers import tiny_run
+from tests.train_helpers import tiny_run
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -126,7 +126,7 @@ def test_a_top_k_cache_holds_each_windows_teacher_rows(teacher_run, top_k_cache)
   count, length, k = meta["shape"]
   assert (length, k) == (cfg.train.context_len, K)
   trainer = Trainer(cfg, progress=False)
-  ids = np.asarray(trainer.train_stream.ids)
+  ids = np.asarray(trainer.data.train_stream.ids)
   teacher, _ = weights.load_checkpoint(teacher_run.run_dir)
   windows = np.array([0, 1, count // 2, count - 1])
   inputs = ids[windows[:, None] * length + np.arange(length)].astype(np.int32)
