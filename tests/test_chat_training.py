@@ -127,8 +127,15 @@ def test_a_fine_tune_of_a_text_run_reads_the_chats_in_its_vocabulary(root, chats
   losses, _ = token_losses(base_model, first)
   want = float(losses.sum() / first["weights"].sum())
   trainer.state, metrics = trainer.train_step(trainer.state, batch)
-  trainer.close()
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+  trainer.run(until=2)  # saves step 2
+  trainer.close()
+  # Every weight trained, so every weight is in its checkpoints: a later change to the base
+  # (here its step's checksums rewritten) does not stop the fine-tuned run from loading.
+  sealed = next(Path(base.run_dir, "best").glob("*/checksums.json"))
+  sealed.write_text(json.dumps(json.loads(sealed.read_text()), indent=1))
+  tuned, _ = weights.load_checkpoint(cfg.run_dir)
+  assert tuned.cfg.vocab_size == base_model.cfg.vocab_size
 
 
 def test_chat_settings_round_trip_and_bad_ones_are_one_line(chats, tmp_path):

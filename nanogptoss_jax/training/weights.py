@@ -177,7 +177,8 @@ def load_step(manager, step: int):
                             execution=cfg.execution.replace(layers_impl=layer_stack.LOOP))
   graphdef, abstract_state, _ = abstract_train_state(cfg)
   state, _, _ = ckpt.restore_step(manager, step, abstract_state)
-  check_source(meta.get(ckpt.SOURCE_KEY), cfg)
+  if cfg.train.trainable:  # a run training every weight holds them all in its steps
+    check_source(meta.get(ckpt.SOURCE_KEY), cfg)
   state = dataclasses.replace(state, frozen=frozen_params(cfg, abstract_state.frozen))
   return merge_model(graphdef, state), tokenizer
 
@@ -232,8 +233,10 @@ def state_shardings(cfg: RunConfig, mesh, abstract_state):
 
 
 def restored_state(cfg: RunConfig, state: TrainState, meta: dict) -> TrainState:
-  """A restored train state with its frozen parameters rebuilt (the source's hash checked)."""
-  check_source(meta.get(ckpt.SOURCE_KEY), cfg)
+  """A restored train state with its frozen parameters rebuilt (the source's hash checked;
+  a run that trains every weight needs nothing of its source once started)."""
+  if cfg.train.trainable:
+    check_source(meta.get(ckpt.SOURCE_KEY), cfg)
   return dataclasses.replace(state, frozen=frozen_params(cfg, state.frozen))
 
 
