@@ -7,6 +7,8 @@ in `analysis` and tells it in `final`), about ten minutes on a 2-core CPU.
       --out data/tinystories_chat
   .venv/bin/python train.py --config configs/finetune_nano_chat.py
   .venv/bin/python chat.py --checkpoint runs/nano_chat       # answers in harmony
+  .venv/bin/python train.py --config configs/finetune_nano_chat.py --config.lora.rank=8 \
+      --config.run_dir=runs/nano_chat_lora                     # LoRA instead
 
 nano's compact vocabulary already holds harmony's special tokens (build_compact_tokenizer keeps
 every named special), so no rows are added: full fine-tuning trains their embedding and
@@ -37,6 +39,7 @@ def get_config() -> RunConfig:
       nano, data=data, train=train, run_dir="runs/nano_chat",
       # A tenth of pre-training's rate: the base already speaks; warmup lets Adam's moments settle.
       optim=OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=20),
-      # LoRA instead of full fine-tuning: lora=LoraConfig(rank=8, alpha=16) with
-      # train.trainable="lora_" once RunConfig.lora exists.
+      # LoRA instead of full fine-tuning: --config.lora.rank=8 (alpha 16 by default). Only the
+      # adapters train then, so harmony's special tokens keep their pretrained embedding rows
+      # unless --config.train.trainable also names the embedding and unembedding.
   )

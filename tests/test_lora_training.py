@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model.lora import LoraConfig
 from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.config_files import apply_overrides
@@ -73,3 +74,23 @@ def test_a_lora_run_trains_adapters_only_and_resumes_loss_for_loss(base_run, tmp
     np.testing.assert_array_equal(np.asarray(tuned_flat.pop(path)[...]), np.asarray(value[...]))
   assert len(tuned_flat) == 24 and any(np.any(np.asarray(v[...]) != 0)
                                        for p, v in tuned_flat.items() if p[-1] == "lora_b")
+
+
+def test_a_lora_run_over_a_changed_base_is_one_clear_error(base_run, tmp_path):
+  """A LoRA run's checkpoints hold only adapters, so resuming or loading it rebuilds the base
+  from init_from: a base whose content changed is refused (train.trainable is empty here)."""
+  cfg = _lora_run(base_run, tmp_path / "tuned")
+  trainer = Trainer(cfg, progress=False)
+  trainer.run(until=3)
+  trainer.close()
+  sealed = next((Path(base_run.run_dir) / "best").glob("*/checksums.json"))
+  original = sealed.read_text()
+  try:
+    sealed.write_text(original.replace("{", '{"x": "y", ', 1))
+    with pytest.raises(UserError, match="changed since this run started"):
+      Trainer(cfg, progress=False)
+    with pytest.raises(UserError, match="changed since this run started"):
+      weights.load_checkpoint(tmp_path / "tuned")
+  finally:
+    sealed.write_text(original)
+  assert (tmp_path / "tuned" / "checkpoints" / "3").is_dir()  # nothing deleted

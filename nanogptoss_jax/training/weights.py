@@ -177,7 +177,7 @@ def load_step(manager, step: int):
                             execution=cfg.execution.replace(layers_impl=layer_stack.LOOP))
   graphdef, abstract_state, _ = abstract_train_state(cfg)
   state, _, _ = ckpt.restore_step(manager, step, abstract_state)
-  if cfg.train.trainable:  # a run training every weight holds them all in its steps
+  if trainable_pattern(cfg):  # a run training every weight holds them all in its steps
     check_source(meta.get(ckpt.SOURCE_KEY), cfg)
   state = dataclasses.replace(state, frozen=frozen_params(cfg, abstract_state.frozen))
   return merge_model(graphdef, state), tokenizer
@@ -235,7 +235,7 @@ def state_shardings(cfg: RunConfig, mesh, abstract_state):
 def restored_state(cfg: RunConfig, state: TrainState, meta: dict) -> TrainState:
   """A restored train state with its frozen parameters rebuilt (the source's hash checked;
   a run that trains every weight needs nothing of its source once started)."""
-  if cfg.train.trainable:
+  if trainable_pattern(cfg):
     check_source(meta.get(ckpt.SOURCE_KEY), cfg)
   return dataclasses.replace(state, frozen=frozen_params(cfg, state.frozen))
 
