@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanogptoss_jax.training.state import abstract_train_state, init_train_state
+from nanogptoss_jax.model.lora import LoraConfig
+from nanogptoss_jax.training.state import (abstract_train_state, init_train_state, run_model,
+                                           trainable_pattern)
 from nanogptoss_jax.training.config_files import load_config_file
 from nanogptoss_jax.experiments.timing import measure_matmul_peak
 from nanogptoss_jax.model.flops import train_flops_per_token
-from nanogptoss_jax.model.registry import build_model
 from nanogptoss_jax.training.step import make_train_step
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -39,8 +40,10 @@ def load(name: str):
 
 
 def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
-          layers_impl: str | None = None) -> dict:
+          layers_impl: str | None = None, lora_rank: int = 0) -> dict:
   cfg = load(name)
+  if lora_rank:  # LoRA r on q, k, v, o and the experts; only the adapters train
+    cfg = dataclasses.replace(cfg, lora=LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank))
   if layers_impl:
     cfg = dataclasses.replace(cfg, execution=cfg.execution.replace(layers_impl=layers_impl))
   overrides = {"batch_size": batch_size, "grad_accum": grad_accum}
@@ -48,8 +51,7 @@ def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
   train = cfg.train
   graphdef, _, tx = abstract_train_state(cfg)
-  state = jax.jit(lambda: init_train_state(build_model(cfg.model, 0, cfg.execution), tx,
-                                                      cfg.train.trainable))()
+  state = jax.jit(lambda: init_train_state(run_model(cfg), tx, trainable_pattern(cfg)))()
   step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=0)
   rng = np.random.default_rng(0)
   shape = (train.grad_accum, train.batch_size // train.grad_accum, train.context_len + 1)
@@ -66,10 +68,13 @@ def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
   tokens = train.batch_size * train.context_len
+  # A full step's FLOPs; with LoRA the frozen weights get no gradient (about 2/3 of these), so
+  # its MFU reads high: compare LoRA with full training by tokens/s.
   flops = train_flops_per_token(cfg.model, train.context_len) * tokens
   stats = jax.devices()[0].memory_stats() or {}  # None on the CPU
   print(f"{name}: peak device memory {stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB",
         flush=True)
+  name += f" LoRA r{lora_rank}" if lora_rank else ""
   return {"config": name, "tokens/step": tokens, "step s": step_s, "tokens/s": tokens / step_s,
           "GFLOP/step": flops / 1e9, "model FLOP/s": flops / step_s, "compile s": compile_s,
           "loss": float(metrics["loss"])}
@@ -82,13 +87,15 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
   parser.add_argument("--grad-accum", type=int, default=None, help="override train.grad_accum")
   parser.add_argument("--layers-impl", default=None, help="override execution.layers_impl (loop, scan)")
+  parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank")
   args = parser.parse_args()
   # The peak is measured before and after every config and the highest kept: one measurement
   # taken in a slow minute of a shared machine would understate it and flatter the MFU.
   peaks = [measure_matmul_peak()]
   rows = []
   for name in args.configs.split(","):
-    rows.append(bench(name, args.steps, args.batch_size, args.grad_accum, args.layers_impl))
+    rows.append(bench(name, args.steps, args.batch_size, args.grad_accum, args.layers_impl,
+                      args.lora_rank))
     peaks.append(measure_matmul_peak())
   peak = max(peaks)
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); f32 matmul peak "
