@@ -9,6 +9,7 @@ kernels `auto` picks for the execution's target `platform` (not the backend this
 on), and no [tokens, vocab] float32 logits in a chunked-loss step.
 """
 
+import contextlib
 import dataclasses
 import re
 from pathlib import Path
@@ -39,9 +40,21 @@ MOSAIC = "tpu_custom_call"  # any Mosaic TPU kernel, splash included
 ALLOWED = [export.DisabledSafetyCheck.custom_call(name) for name in (TRITON, MOSAIC)]
 
 
+def target_device(platform: str):
+  """A context naming the GPU a CUDA lowering is for: JAX >= 0.11 reads the Triton kernel's
+  target (compute capability) from the abstract mesh's device and refuses to guess on a machine
+  without a GPU; TPU lowering needs nothing."""
+  if platform != "cuda":
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice("NVIDIA H200", None, "cuda")
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      (1,), ("target",), (jax.sharding.AxisType.Auto,), abstract_device=device))
+
+
 def lowered(fn, platform: str, *args) -> str:
   """The StableHLO text of jit(fn) lowered for `platform` ("cuda" or "tpu")."""
-  exported = export.export(jax.jit(fn), platforms=(platform,), disabled_checks=ALLOWED)(*args)
+  with target_device(platform):
+    exported = export.export(jax.jit(fn), platforms=(platform,), disabled_checks=ALLOWED)(*args)
   return exported.mlir_module()
 
 

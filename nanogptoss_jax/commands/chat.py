@@ -13,7 +13,9 @@ terminal, or with --show-analysis.
 import argparse
 import logging
 import queue
+import signal
 import sys
+import threading
 
 from nanogptoss_jax import cli
 from nanogptoss_jax.commands.generate import RUN_OR_PRETRAINED, _number, checkpoint_parser
@@ -77,10 +79,16 @@ class Chat:
                       on_tokens=lambda t: events.put(("tokens", t)),
                       on_done=lambda why: events.put(("done", why)))
     stream = TextStream(self.service, chat=True, stop=[])
-    self.service.engine.submit(request)
+    # Ctrl-C sets a flag rather than raising: a KeyboardInterrupt inside a queue's condition
+    # wait can leave its lock held, and then neither this thread nor the engine's moves again.
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
-      self._print_stream(events, stream)
-    except KeyboardInterrupt:
+      self.service.engine.submit(request)
+      finished = self._print_stream(events, stream, interrupted)
+    finally:
+      signal.signal(signal.SIGINT, previous)
+    if not finished:
       request.cancel()
       while events.get()[0] != "done":  # the engine frees the slot at its next chunk
         pass
@@ -88,14 +96,16 @@ class Chat:
     self._write("\n")
     self.messages = messages + [{"role": "assistant", "content": stream.content}]
 
-  def _print_stream(self, events, stream) -> None:
-    in_analysis = False
-    while True:
+  def _print_stream(self, events, stream, interrupted: threading.Event) -> bool:
+    """Prints the answer as it comes; True when it finished, False when Ctrl-C stopped it."""
+    in_analysis, finished = False, False
+    while not interrupted.is_set():
       try:  # a timeout, so that Ctrl-C is seen promptly
         kind, value = events.get(timeout=0.1)
       except queue.Empty:
         continue
       if kind == "done":
+        finished = True
         break
       reasoning, content, _ = stream.feed(value)
       if reasoning and self.show_analysis:
@@ -107,6 +117,7 @@ class Chat:
         self._write(content)
     if in_analysis and self.dim:
       self._write(UNDIM)
+    return finished
 
   def _write(self, text: str) -> None:
     self.out.write(text)
