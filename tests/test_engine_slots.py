@@ -4,7 +4,6 @@ seed whoever joins, and a batched prefill's padding rows never write into a live
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
