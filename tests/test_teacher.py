@@ -167,6 +167,9 @@ def test_offline_resumes_loss_for_loss_and_refuses_a_changed_teacher(teacher_run
     sealed.write_text(original)
   assert "\n" not in str(error.value)
   assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+  # Asking for the same cache again finds it: the same folder, not one byte rewritten.
+  assert precompute(cfg, batch_windows=64, progress=False) == folder
+  assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
 
 
 def test_a_cache_for_an_online_run_is_one_line(teacher_run, tmp_path):

@@ -72,7 +72,7 @@ class TeacherRows:
 def open_rows(root: str, key: dict, teacher: dict) -> TeacherRows:
   """The cache of `key` made by `teacher` ({"path", "sha256"}); one line if absent or stale."""
   folder = cache_dir(root, key, teacher["sha256"])
-  if (folder / META_FILE).is_file():
+  if is_finished(folder):
     return TeacherRows(folder)
   others = sorted(pathlib.Path(root).glob(f"{PREFIX}{cache_key(key)}-*/{META_FILE}"))
   if others:
@@ -88,12 +88,17 @@ def open_rows(root: str, key: dict, teacher: dict) -> TeacherRows:
       f"nanogptoss_jax.commands.teacher_cache` and this run's config")
 
 
+def is_finished(folder: pathlib.Path) -> bool:
+  """Whether `folder` holds a whole cache (its meta file is written last, then renamed in)."""
+  return (folder / META_FILE).is_file()
+
+
 def write_rows(root: str, key: dict, teacher: dict, num_windows: int, context_len: int,
                fill) -> pathlib.Path:
   """Creates the cache: fill(arrays) writes every row of the writable [W, T, K] memmaps. A
   finished cache is never overwritten (its rows are what runs replay)."""
   folder = cache_dir(root, key, teacher["sha256"])
-  if (folder / META_FILE).is_file():
+  if is_finished(folder):
     raise TeacherCacheError(f"{folder} already holds this teacher's rows; nothing was written")
   shape = (num_windows, context_len, key["k"])
   temp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

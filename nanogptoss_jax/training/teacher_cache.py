@@ -58,6 +58,10 @@ def precompute(cfg: RunConfig, batch_windows: int | None = None, progress: bool 
   if cfg.data.tokenizer_path:
     use_bpe_file(cfg.data.tokenizer_path)
   tokenizer, stream, _ = prepare_data(cfg.data)
+  folder = teacher_rows.cache_dir(cfg.data.cache_dir, cache_key(cfg, stream), record["sha256"])
+  if teacher_rows.is_finished(folder):  # the same key is the same rows: nothing to recompute
+    logging.info("teacher cache: %s is already there (this data, teacher, mode and k)", folder)
+    return folder
   model, teacher_tokenizer = load_teacher(cfg)
   mapping = student_mapping(teacher_tokenizer, tokenizer, model.cfg.vocab_size,
                             cfg.model.vocab_size)
