@@ -1,6 +1,10 @@
 """Training throughput and MFU of the jitted train step on this machine.
 
     python benchmarks/bench_train.py [--steps 5] [--configs nano,bench_201k,bench_201k_compact]
+    python benchmarks/bench_train.py --paired-lora-rank 8 --rounds 3 --configs nano,small
+
+The second form times a full fine-tuning step and a LoRA step of each config in turns (full,
+LoRA, LoRA, full, ...) in one process, so a shared machine's drifting speed falls on both alike.
 
 MFU = model FLOPs per second (matmuls of forward + backward, `nanogptoss_jax.flops`) divided by
 this machine's float32 matmul peak, measured in the same run. Random tokens: speed does not
@@ -39,8 +43,9 @@ def load(name: str):
   return load_config_file(CONFIGS / f"{name}.py")
 
 
-def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
-          layers_impl: str | None = None, lora_rank: int = 0) -> dict:
+def run_config(name: str, batch_size: int | None, grad_accum: int | None,
+               layers_impl: str | None = None, lora_rank: int = 0):
+  """The named config with the command line's overrides."""
   cfg = load(name)
   if lora_rank:  # LoRA r on q, k, v, o and the experts; only the adapters train
     cfg = dataclasses.replace(cfg, lora=LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank))
@@ -48,25 +53,42 @@ def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
     cfg = dataclasses.replace(cfg, execution=cfg.execution.replace(layers_impl=layers_impl))
   overrides = {"batch_size": batch_size, "grad_accum": grad_accum}
   overrides = {key: value for key, value in overrides.items() if value}
-  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+
+
+class Stepper:
+  """A config's jitted train step, its state and one random batch; compiled on construction."""
+
+  def __init__(self, cfg):
+    train = cfg.train
+    graphdef, _, tx = abstract_train_state(cfg)
+    self.state = jax.jit(lambda: init_train_state(run_model(cfg), tx, trainable_pattern(cfg)))()
+    self.step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    shape = (train.grad_accum, train.batch_size // train.grad_accum, train.context_len + 1)
+    self.batch = jnp.asarray(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32))
+    self.tokens = train.batch_size * train.context_len
+    self.compile_s = self.run(1)[0]
+
+  def run(self, steps: int) -> list[float]:
+    """Seconds of each of `steps` steps, each waited for."""
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.state, self.metrics = self.step_fn(self.state, self.batch)
+      jax.block_until_ready(self.metrics)
+      times.append(time.perf_counter() - start)
+    return times
+
+
+def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
+          layers_impl: str | None = None, lora_rank: int = 0) -> dict:
+  cfg = run_config(name, batch_size, grad_accum, layers_impl, lora_rank)
   train = cfg.train
-  graphdef, _, tx = abstract_train_state(cfg)
-  state = jax.jit(lambda: init_train_state(run_model(cfg), tx, trainable_pattern(cfg)))()
-  step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=0)
-  rng = np.random.default_rng(0)
-  shape = (train.grad_accum, train.batch_size // train.grad_accum, train.context_len + 1)
-  batch = jnp.asarray(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32))
-  start = time.perf_counter()
-  state, metrics = step_fn(state, batch)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
+  stepper = Stepper(cfg)
+  compile_s = stepper.compile_s
+  step_s = float(np.median(stepper.run(steps)))
+  metrics = stepper.metrics
   tokens = train.batch_size * train.context_len
   # A full step's FLOPs; with LoRA the frozen weights get no gradient (about 2/3 of these), so
   # its MFU reads high: compare LoRA with full training by tokens/s.
@@ -80,6 +102,38 @@ def bench(name: str, steps: int, batch_size: int | None, grad_accum: int | None,
           "loss": float(metrics["loss"])}
 
 
+def paired_lora(name: str, rank: int, rounds: int, steps: int, batch_size: int | None,
+                grad_accum: int | None, layers_impl: str | None = None) -> dict:
+  """Median tokens/s of a full and a LoRA-r step of one config, timed in alternating rounds
+  (ABBA order), and the median over rounds of LoRA's speed-up in the same round."""
+  full = Stepper(run_config(name, batch_size, grad_accum, layers_impl))
+  lora = Stepper(run_config(name, batch_size, grad_accum, layers_impl, rank))
+  rates = {"full": [], "lora": []}
+  for round_index in range(rounds):
+    order = (("full", full), ("lora", lora))
+    for key, stepper in order if round_index % 2 == 0 else order[::-1]:
+      rates[key].append(stepper.tokens / float(np.median(stepper.run(steps))))
+  ratios = [b / a for a, b in zip(rates["full"], rates["lora"])]
+  return {"config": name, "tokens/step": full.tokens, "rounds": rounds,
+          "full tokens/s": float(np.median(rates["full"])),
+          "lora tokens/s": float(np.median(rates["lora"])),
+          "ratio": float(np.median(ratios)), "ratio range": (min(ratios), max(ratios)),
+          "full all": rates["full"], "lora all": rates["lora"]}
+
+
+def print_paired(rows: list[dict], rank: int) -> None:
+  print(f"| config | tokens/step | full tokens/s | LoRA r{rank} tokens/s | LoRA / full "
+        "(median of rounds, range) |")
+  print("|---|---|---|---|---|")
+  for row in rows:
+    low, high = row["ratio range"]
+    print(f"| {row['config']} | {row['tokens/step']} | {row['full tokens/s']:,.0f} | "
+          f"{row['lora tokens/s']:,.0f} | {row['ratio']:.2f}× ({low:.2f}–{high:.2f}) |")
+  for row in rows:
+    print(f"{row['config']} per round: full " + ", ".join(f"{r:,.0f}" for r in row["full all"])
+          + "; LoRA " + ", ".join(f"{r:,.0f}" for r in row["lora all"]))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--configs", default="nano,bench_201k,bench_201k_compact")
@@ -88,7 +142,15 @@ def main() -> None:
   parser.add_argument("--grad-accum", type=int, default=None, help="override train.grad_accum")
   parser.add_argument("--layers-impl", default=None, help="override execution.layers_impl (loop, scan)")
   parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank")
+  parser.add_argument("--paired-lora-rank", type=int, default=0,
+                      help="time full and LoRA-r steps of each config in alternating rounds")
+  parser.add_argument("--rounds", type=int, default=3, help="rounds of --paired-lora-rank")
   args = parser.parse_args()
+  if args.paired_lora_rank:
+    rows = [paired_lora(name, args.paired_lora_rank, args.rounds, args.steps, args.batch_size,
+                        args.grad_accum, args.layers_impl) for name in args.configs.split(",")]
+    print_paired(rows, args.paired_lora_rank)
+    return
   # The peak is measured before and after every config and the highest kept: one measurement
   # taken in a slow minute of a shared machine would understate it and flatter the MFU.
   peaks = [measure_matmul_peak()]

@@ -7,12 +7,13 @@ in `analysis` and tells it in `final`), about ten minutes on a 2-core CPU.
       --out data/tinystories_chat
   .venv/bin/python train.py --config configs/finetune_nano_chat.py
   .venv/bin/python chat.py --checkpoint runs/nano_chat       # answers in harmony
-  .venv/bin/python train.py --config configs/finetune_nano_chat.py --config.lora.rank=8 \
-      --config.run_dir=runs/nano_chat_lora                     # LoRA instead
+  .venv/bin/python train.py --config configs/finetune_nano_chat_lora.py    # LoRA instead
 
-nano's compact vocabulary already holds harmony's special tokens (build_compact_tokenizer keeps
-every named special), so no rows are added: full fine-tuning trains their embedding and
-unembedding rows with the rest.
+nano's compact vocabulary holds harmony's special tokens and the words of its headers
+(`assistant`, `final`, ...; build_compact_tokenizer keeps them whatever the counts), so no rows
+are added and `<|start|>assistant<|channel|>final<|message|>` is 5 ids. TinyStories never shows
+them, so their rows are untrained in the base: full fine-tuning trains them with the rest.
+docs/finetune_nano/report.md has the held-out losses, a chat and a server exchange.
 """
 
 import dataclasses
@@ -39,7 +40,5 @@ def get_config() -> RunConfig:
       nano, data=data, train=train, run_dir="runs/nano_chat",
       # A tenth of pre-training's rate: the base already speaks; warmup lets Adam's moments settle.
       optim=OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=20),
-      # LoRA instead of full fine-tuning: --config.lora.rank=8 (alpha 16 by default). Only the
-      # adapters train then, so harmony's special tokens keep their pretrained embedding rows
-      # unless --config.train.trainable also names the embedding and unembedding.
+      # LoRA instead of full fine-tuning: configs/finetune_nano_chat_lora.py.
   )

@@ -17,6 +17,12 @@ CONSTRAIN = "<|constrain|>"
 RETURN = "<|return|>"
 CALL = "<|call|>"
 
+# The words harmony writes between its special tokens in a message header (roles, then channels),
+# as in `<|start|>assistant<|channel|>final<|message|>`. They are ordinary text to the encoding,
+# so a compact vocabulary keeps them beside the specials: else a model must spell them in bytes.
+HARMONY_ROLES = ("system", "developer", "user", "assistant")
+HARMONY_CHANNELS = ("analysis", "commentary", "final")
+
 SPECIAL_IDS = {
     STARTOFTEXT: 199998, ENDOFTEXT: 199999, RETURN: 200002, CONSTRAIN: 200003,
     CHANNEL: 200005, START: 200006, END: 200007, MESSAGE: 200008, CALL: 200012,

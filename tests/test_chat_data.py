@@ -19,7 +19,8 @@ from nanogptoss_jax.chat import harmony
 from nanogptoss_jax.data import chat_batches
 from nanogptoss_jax.data.chat import ChatDataConfig, ChatDataError, ChatExample
 from nanogptoss_jax.data.config import DataUnavailableError
-from nanogptoss_jax.data.tokenizer import FullTokenizer, build_compact_tokenizer, count_base_ids
+from nanogptoss_jax.data.tokenizer import (FullTokenizer, build_compact_tokenizer, count_base_ids,
+                                           fixed_base_ids)
 
 # conftest points tiktoken at an offline copy of shared/tiktoken; harmony's Rust reads the same.
 os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
@@ -554,9 +555,25 @@ def test_story_chats_are_deterministic_held_out_and_about_their_story(tmp_path, 
   assert len(train) == counts["train"]["conversations"] and len(val) == 60
 
 
+def test_a_compact_vocabulary_writes_harmonys_headers_in_as_many_ids_as_the_full_one(full):
+  # A vocabulary built from stories alone (no chat text in its counts) still spells
+  # `<|start|>assistant<|channel|>final<|message|>` in 5 ids, not 17 byte ids: a small model
+  # fine-tuned on a few hundred chats learns the header, where spelt in bytes it garbled it.
+  stories_only = np.zeros(full.vocab_size, np.int64)
+  stories_only[full.encode(" Once upon a time, a little dog ran.")] = 1
+  compact = build_compact_tokenizer(stories_only, 300)
+  for role in ("system", "developer", "user", "assistant"):
+    for channel in ("analysis", "commentary", "final"):
+      header = f"<|start|>{role}<|channel|>{channel}<|message|>"
+      ids = compact.from_base_ids(np.asarray(full.encoding.encode(header, allowed_special="all")))
+      reference = full.encoding.encode(header, allowed_special="all")
+      assert len(ids) == len(reference) and compact.decode(ids) == header
+
+
 def test_a_compact_vocabulary_holds_harmonys_tokens_and_stops_on_their_ids(full):
-  # build_compact_tokenizer keeps every named special, whatever the counts: nano's 4,096 too.
-  for size in (266, 4096):
+  # build_compact_tokenizer keeps every named special and harmony's header words, whatever the
+  # counts: nano's 4,096 too.
+  for size in (len(fixed_base_ids()), 4096):
     compact = build_compact_tokenizer(np.zeros(full.vocab_size, np.int64), size)
     assert harmony.supports_harmony(compact)
     stops = harmony.stop_ids(compact)

@@ -202,6 +202,20 @@ def test_the_fine_tuning_configs_load_and_validate():
   assert tuned.model == nano.model and tuned.data.compact_vocab_size == nano.data.compact_vocab_size
   assert tuned.data.is_chat and tuned.data.chat.too_long == "drop"
   assert tuned.train.init_from == "runs/nano" and tuned.train.context_len == 512
+  lora = load_config_file(REPO / "configs" / "finetune_nano_chat_lora.py")
+  validate_run_config(lora)
+  # The same run but for the adapters, what trains, their rate and the run directory.
+  assert dataclasses.replace(lora, lora=None, optim=tuned.optim, run_dir=tuned.run_dir,
+                             train=tuned.train) == tuned
+  assert dataclasses.replace(lora.train, trainable="") == tuned.train
+  assert lora.lora.rank == 8 and lora.optim.lr > tuned.optim.lr and lora.run_dir != tuned.run_dir
+  # The adapters and both (un)embedding tables train, nothing else.
+  from nanogptoss_jax.training.state import abstract_run_model, trainable_filter
+  from flax import nnx
+  trained = nnx.state(abstract_run_model(lora), trainable_filter(lora.train.trainable))
+  paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trained)}
+  assert {"embedding.embedding", "unembedding.kernel"} <= paths
+  assert all("lora_" in p for p in paths - {"embedding.embedding", "unembedding.kernel"})
   qlora = load_config_file(REPO / "configs" / "finetune_20b_lora.py")
   validate_run_config(qlora)
   assert qlora.model == GPT_OSS_20B and qlora.execution.expert_format == "mxfp4"

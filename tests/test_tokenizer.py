@@ -135,7 +135,7 @@ def test_compact_shape(compact, encoding, sample_counts):
   byte_ids = [encoding.encode_single_token(bytes([value])) for value in range(256)]
   assert compact.from_base_ids(np.array(byte_ids)).tolist() == list(range(256))
   # Every kept ordinary token is at least as frequent as every dropped one.
-  fixed = set(byte_ids) | set(tokenizer_lib.named_special_base_ids().tolist())
+  fixed = set(tokenizer_lib.fixed_base_ids().tolist())
   frequent = [base for base in compact.base_ids.tolist() if base not in fixed]
   dropped = np.ones(N_VOCAB, dtype=bool)
   dropped[compact.base_ids] = False
@@ -170,7 +170,7 @@ def test_to_dict_json_from_dict_is_identical(compact, full):
 
 
 def test_too_small_vocab_names_the_minimum(sample_counts):
-  minimum = 256 + len(tokenizer_lib.named_special_base_ids())
+  minimum = len(tokenizer_lib.fixed_base_ids())
   with pytest.raises(ValueError, match=str(minimum)):
     tokenizer_lib.build_compact_tokenizer(sample_counts, minimum - 1)
   assert tokenizer_lib.build_compact_tokenizer(sample_counts, minimum).vocab_size == minimum
@@ -182,7 +182,7 @@ def test_unseen_ids_fill_the_requested_size():
   counts[seen] = [3, 7, 1]
   small = tokenizer_lib.build_compact_tokenizer(counts, 400)
   assert small.vocab_size == 400
-  num_fixed = 256 + len(tokenizer_lib.named_special_base_ids())
+  num_fixed = len(tokenizer_lib.fixed_base_ids())
   assert small.base_ids[num_fixed:num_fixed + 3].tolist() == [5000, 1000, 123456]
   # The rest are the lowest ids not already kept.
   fill = small.base_ids[num_fixed + 3:]

@@ -6,7 +6,8 @@ import itertools
 import numpy as np
 
 from nanogptoss_jax.data.bpe import base_encoding
-from nanogptoss_jax.o200k import ENCODING_NAME, ENDOFTEXT, RETURN
+from nanogptoss_jax.o200k import (ENCODING_NAME, ENDOFTEXT, HARMONY_CHANNELS, HARMONY_ROLES,
+                                  RETURN)
 
 FULL_KIND = "full"
 COMPACT_KIND = "compact"
@@ -49,6 +50,23 @@ def named_special_base_ids() -> np.ndarray:
   names = [name for name in encoding.special_tokens_set if RESERVED_MARKER not in name]
   return _read_only(np.array(sorted({encoding.encode_single_token(name) for name in names}),
                              dtype=np.int64))
+
+
+def harmony_header_base_ids() -> np.ndarray:
+  """Base ids of the words in harmony's message headers (o200k.HARMONY_ROLES and _CHANNELS)."""
+  encoding = base_encoding()
+  words = HARMONY_ROLES + HARMONY_CHANNELS
+  return _read_only(np.array(sorted({i for w in words for i in encoding.encode_ordinary(w)}),
+                             dtype=np.int64))
+
+
+def fixed_base_ids() -> np.ndarray:
+  """What every compact vocabulary keeps whatever the counts: the bytes (so any text can be
+  spelt), the named specials, and harmony's header words (so a chat fine-tune's headers are a
+  few ids, not ~17 byte ids a small model struggles to learn to spell)."""
+  kept = np.concatenate([byte_base_ids(), named_special_base_ids()])
+  header = harmony_header_base_ids()
+  return _read_only(np.concatenate([kept, header[~np.isin(header, kept)]]))
 
 
 def _check_ids(ids, n_vocab: int, what: str = "base ids") -> np.ndarray:
@@ -220,17 +238,19 @@ class CompactTokenizer(Tokenizer):
 
 
 def build_compact_tokenizer(base_counts: np.ndarray, vocab_size: int) -> CompactTokenizer:
-  """Keeps bytes, named specials, then the most frequent base ids until vocab_size."""
+  """Keeps bytes, named specials, harmony's header words, then the most frequent base ids
+  until vocab_size."""
   n_vocab = base_encoding().n_vocab
   base_counts = np.asarray(base_counts)
   if base_counts.shape != (n_vocab,):
     raise ValueError(f"base_counts must have shape ({n_vocab},), got {base_counts.shape}")
   if base_counts.size and base_counts.min() < 0:
     raise ValueError("base_counts must be non-negative")
-  fixed = np.concatenate([byte_base_ids(), named_special_base_ids()])
+  fixed = fixed_base_ids()
   if not fixed.size <= vocab_size <= n_vocab:
     raise ValueError(f"compact vocab_size must lie in [{fixed.size}, {n_vocab}] (the minimum "
-                     f"holds {NUM_BYTES} bytes and the named specials), got {vocab_size}")
+                     f"holds {NUM_BYTES} bytes, the named specials and harmony's header words), "
+                     f"got {vocab_size}")
   is_candidate = np.ones(n_vocab, dtype=bool)
   is_candidate[fixed] = False
   candidates = np.flatnonzero(is_candidate)
