@@ -65,8 +65,8 @@ def main():
   parser.add_argument("--length", type=int, default=2048)
   parser.add_argument("--remat", default="block")
   parser.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
-  parser.add_argument("--moe-impl", default="ragged",
-                      help="ragged (no per-block weight copies), sorted or auto")
+  parser.add_argument("--moe-impl", default="auto",
+                      help="auto (looped at these widths), sorted, looped, ragged or dense")
   args = parser.parse_args()
   qlora = {}
   for experts in args.formats.split(","):
