@@ -2,8 +2,9 @@
 
 Abstract weights (nnx.eval_shape): nothing is allocated, the step is only compiled. One step:
 the loss gradient w.r.t. the adapters (r 8 on q, k, v, o and both expert matrices), AdamW's
-update, the adapters and moments donated; batch 1 x 2,048 tokens, scanned layers, remat per
-block. QLoRA keeps the experts as published (MXFP4 blocks + scales, decoded in the step); the
+update, the adapters and moments donated; batch 1 x 2,048 tokens, with the execution settings
+of configs/finetune_20b_lora.py (scanned layers, remat per block, chunked loss, experts a block
+at a time). QLoRA keeps the experts as published (MXFP4 blocks + scales, decoded in the step); the
 comparison row stores them dequantized to bf16. Memory = arguments + outputs - donated aliases
 + temporaries. Compiled for this machine's backend (a CPU here: its buffer assignment, not a
 GPU's; run it on a GPU for that GPU's figure).
@@ -12,6 +13,7 @@ GPU's; run it on a GPU for that GPU's figure).
 """
 
 import argparse
+import pathlib
 import time
 
 import jax
@@ -23,7 +25,10 @@ from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.model.lora import LoraConfig, add_lora, lora_filter
+from nanogptoss_jax.training.config_files import load_config_file
 from nanogptoss_jax.training.losses import token_losses
+
+FINETUNE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune_20b_lora.py"
 
 # The published shapes (their config.json): 120b is GptOssConfig's default.
 SHAPES = {"20b": GptOssConfig(num_hidden_layers=24, num_experts=32), "120b": GptOssConfig()}
@@ -63,17 +68,18 @@ def main():
   parser.add_argument("--models", default="20b,120b")
   parser.add_argument("--formats", default="mxfp4,float")
   parser.add_argument("--length", type=int, default=2048)
-  parser.add_argument("--remat", default="block")
   parser.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
-  parser.add_argument("--moe-impl", default="ragged",
-                      help="ragged (no per-block weight copies), sorted or auto")
+  parser.add_argument("--moe-impl", default="",
+                      help="the fine-tune config's unless given: sorted, looped, ragged, dense")
   args = parser.parse_args()
+  shipped = load_config_file(FINETUNE_CONFIG).execution
+  if args.moe_impl:
+    shipped = shipped.replace(moe_impl=args.moe_impl)
   qlora = {}
   for experts in args.formats.split(","):
     for name in args.models.split(","):
       start = time.perf_counter()
-      execution = ExecutionConfig(param_dtype="bfloat16", dtype="bfloat16", expert_format=experts,
-                                  remat=args.remat, layers_impl="scan", moe_impl=args.moe_impl)
+      execution = shipped.replace(expert_format=experts)
       cfg = SHAPES[name].replace(num_hidden_layers=args.layers or SHAPES[name].num_hidden_layers)
       memory = step_memory(cfg, execution, LORA, 1, args.length)
       label = "QLoRA (MXFP4 experts)" if experts == "mxfp4" else "LoRA (bf16 experts)"

@@ -22,8 +22,11 @@ def get_config() -> RunConfig:
   steps = (CONVERSATIONS - HELD_OUT) // BATCH  # one epoch
   return RunConfig(
       model=GPT_OSS_20B,
+      # What benchmarks/finetune_memory.py measures: scanned layers, each recomputed in the
+      # backward pass; the loss in token chunks (never all [T, V] logits); experts a block at a
+      # time (moe_impl auto is `looped` at these widths).
       execution=ExecutionConfig(param_dtype="bfloat16", dtype="bfloat16", expert_format="mxfp4",
-                                remat="matmuls"),
+                                remat="block", layers_impl="scan", loss_impl="chunked"),
       data=DataConfig(chat=ChatDataConfig(
           path="HuggingFaceH4/Multilingual-Thinking", val_split="", val_conversations=HELD_OUT,
           too_long="drop")),

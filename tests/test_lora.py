@@ -15,8 +15,10 @@ from tests.factories import relative_error
 
 TOKENS = jax.random.randint(jax.random.key(5), (2, 9), 0, CFG.vocab_size)
 COTANGENT = jax.random.normal(jax.random.key(6), (2, 9, CFG.vocab_size))
-# Every dispatch in the loop layout, and the scan layout (stacked pair + lone last block) once.
-CASES = [("loop", "dense"), ("loop", "sorted"), ("loop", "ragged"), ("scan", "sorted")]
+# Every dispatch in the loop layout, and the scan layout (stacked pair + lone last block) for the
+# two blocked ones.
+CASES = [("loop", "dense"), ("loop", "sorted"), ("loop", "ragged"), ("scan", "sorted"),
+         ("scan", "looped")]
 
 
 @pytest.mark.parametrize("layers_impl,moe_impl", CASES)

@@ -227,8 +227,9 @@ def test_finite_sink_is_an_extra_softmax_column_that_is_dropped():
 
 # (impl, groups) checked against ("dense", 1). Every case for top-2; for top-1 and top-all only
 # the grouped dispatch (a superset of the ungrouped code path), as each case costs ~3 s to compile.
-ALL_MOE_CASES = (("dense", 1), ("sorted", 1), ("ragged", 1), ("sorted", 2), ("ragged", 2))
-GROUPED_MOE_CASES = (("dense", 1), ("sorted", 2), ("ragged", 2))
+ALL_MOE_CASES = (("dense", 1), ("sorted", 1), ("looped", 1), ("ragged", 1), ("sorted", 2),
+                 ("looped", 2), ("ragged", 2))
+GROUPED_MOE_CASES = (("dense", 1), ("sorted", 2), ("looped", 2), ("ragged", 2))
 
 
 @functools.partial(nnx.jit, static_argnames="cases")
@@ -299,6 +300,10 @@ def test_auto_moe_is_dense_for_a_decode_step_and_sorted_for_a_batch():
   # A train batch: dense would compute twice the rows.
   assert resolve_moe_impl("auto", tokens=4096, num_experts=4, per_token=2) == "sorted"
   assert resolve_moe_impl("ragged", tokens=1, num_experts=4, per_token=2) == "ragged"
+  # gpt-oss-20b's 2,048-token step: sorted's 159 blocks would copy 7.9 GB of bf16 weights.
+  expert_bytes = 3 * 2880 * 2880 * 2
+  assert resolve_moe_impl("auto", 2048, 32, 4, expert_bytes) == "looped"
+  assert resolve_moe_impl("auto", 1, 32, 4, expert_bytes) == "sorted"
 
 
 @nnx.jit

@@ -55,6 +55,7 @@ def _grads(model, tokens):
 @pytest.mark.parametrize("layers_impl,moe_impl,shape", [
     ("loop", "sorted", (2, 9)),  # a prefill: every expert decoded once
     ("loop", "sorted", (1, 1)),  # a decode step: only the blocks' experts decoded
+    ("scan", "looped", (2, 9)),  # one block's expert decoded at a time
     ("scan", "dense", (2, 9))])
 def test_qlora_equals_lora_over_the_dequantized_base(layers_impl, moe_impl, shape):
   tokens = jax.random.randint(jax.random.key(5), shape, 0, CFG.vocab_size)

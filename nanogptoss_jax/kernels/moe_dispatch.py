@@ -2,8 +2,9 @@
 `model.moe.dense_experts`, every expert on every token).
 
 `sorted_experts` groups the token-expert assignments by expert into fixed-size row blocks and
-runs one batched matmul over the blocks; `ragged_experts` groups the same way and calls
-`jax.lax.ragged_dot`. Row gathers whose backward passes are gathers too (`take_rows`) stand in
+runs one batched matmul over the blocks; `looped_experts` runs the same blocks one at a time, so
+that one block's expert weights exist at once (decoded, for MXFP4 experts); `ragged_experts`
+groups the same way and calls `jax.lax.ragged_dot`. Row gathers whose backward passes are gathers too (`take_rows`) stand in
 for autodiff's scatter-adds, which run slowly on a CPU.
 """
 
@@ -146,6 +147,32 @@ def sorted_experts(t, top_experts, top_weights, weights, adapters=None, *, activ
   g = activation(h)  # [blocks, R, F]
   y = matmul(g, w2[e]) + b2[e][:, None]  # [blocks, R, D]
   y = with_update(y, g, _rows(a2, e), _rows(u2, e), matmul)
+  y = take_rows(y.reshape(plan.num_rows, -1), plan.row.reshape(-1), plan.assignment)  # [M * C, D]
+  return combine(y, top_weights)
+
+
+def looped_experts(t, top_experts, top_weights, weights, adapters=None, *, activation: Callable,
+                   matmul: Callable) -> jax.Array:
+  """As sorted_experts, the blocks one after another in a loop: only the current block's expert
+  weights are gathered (decoded, when `weights` holds `model.mxfp4.Mxfp4Experts`), where the
+  batched matmul copies every block's at once (gigabytes at gpt-oss-20b widths)."""
+  w1, b1, w2, b2 = weights
+  a1, u1, a2, u2 = adapters or (None,) * 4
+  plan = block_plan(top_experts, w1.shape[0])
+  x = take_rows(t, plan.source, plan.row)  # [blocks * R, D]
+  x = x.reshape(-1, plan.rows_per_block, t.shape[1])  # [blocks, R, D]
+
+  # Recomputed in the backward pass: the loop then keeps only each block's rows, not its
+  # decoded weights, for the gradient.
+  @jax.checkpoint
+  def one_block(x, e):
+    h = matmul(x, w1[e]) + b1[e]  # [R, 2F]
+    h = with_update(h, x, _rows(a1, e), _rows(u1, e), matmul)
+    g = activation(h)  # [R, F]
+    y = matmul(g, w2[e]) + b2[e]  # [R, D]
+    return with_update(y, g, _rows(a2, e), _rows(u2, e), matmul)
+
+  y = jax.lax.map(lambda block: one_block(*block), (x, plan.block_expert))  # [blocks, R, D]
   y = take_rows(y.reshape(plan.num_rows, -1), plan.row.reshape(-1), plan.assignment)  # [M * C, D]
   return combine(y, top_weights)
 

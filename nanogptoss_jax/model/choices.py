@@ -15,7 +15,7 @@ from nanogptoss_jax.model import mxfp4 as plain_mxfp4
 ATTENTION_IMPLS = ("auto", "plain", "blocked", "flash", "pallas", "splash")
 MATMUL_IMPLS = ("auto", "plain", "transposed_grad")  # transposed_grad: kernels.matmul
 LOSS_IMPLS = ("auto", "plain", "fused", "chunked")  # kernels.cross_entropy, .chunked_*
-MOE_IMPLS = ("auto", "dense", "sorted", "ragged")  # dense is the plain one
+MOE_IMPLS = ("auto", "dense", "sorted", "looped", "ragged")  # dense is the plain one
 EXPERT_FORMATS = ("float", "mxfp4")  # mxfp4: model/mxfp4.py
 MXFP4_IMPLS = ("auto", "plain", "bits")  # bits: kernels.mxfp4
 # Rematerialisation in training (model/gptoss.py): none; each block recomputed in the backward
@@ -91,8 +91,15 @@ def decode_selected(tokens: int, num_experts: int, per_token: int) -> bool:
   return moe_dispatch.num_blocks(assignments, num_experts) < num_experts
 
 
-def moe_impl(name: str, tokens: int, num_experts: int, per_token: int) -> str:
-  """`auto`: `dense` when it moves fewer weights and computes no more rows than `sorted`.
+# `auto` runs the sorted dispatch's blocks in a loop (`looped`) once the copies of every block's
+# expert weights that its batched matmul takes would exceed this size.
+LOOPED_FROM_BYTES = 1 << 30
+
+
+def moe_impl(name: str, tokens: int, num_experts: int, per_token: int,
+             expert_bytes: int = 0) -> str:
+  """`auto`: `dense` when it moves fewer weights and computes no more rows than `sorted`;
+  `looped` when sorted's weight copies (`expert_bytes`: one expert's) would pass a gigabyte.
 
   `sorted` is the fastest dispatch measured (CPU, H100) for many tokens; `ragged_dot`'s
   backward pass scatters, slowly on both. A decode step has a handful of tokens: its blocks are
@@ -102,6 +109,8 @@ def moe_impl(name: str, tokens: int, num_experts: int, per_token: int) -> str:
     return name
   assignments = tokens * per_token
   blocks = moe_dispatch.num_blocks(assignments, num_experts)
+  if blocks * expert_bytes > LOOPED_FROM_BYTES:
+    return "looped"
   fewer_weights = num_experts <= SORTED_WEIGHT_PASSES * blocks
   fewer_rows = tokens * num_experts <= blocks * moe_dispatch.block_rows(assignments, num_experts)
   return "dense" if fewer_weights and fewer_rows else "sorted"

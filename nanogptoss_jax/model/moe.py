@@ -62,7 +62,7 @@ def dense_experts(t, top_experts, top_weights, weights, adapters=None, *, activa
 
 
 EXPERT_FUNCTIONS = {"dense": dense_experts, "sorted": moe_dispatch.sorted_experts,
-                    "ragged": moe_dispatch.ragged_experts}
+                    "looped": moe_dispatch.looped_experts, "ragged": moe_dispatch.ragged_experts}
 
 
 class MoE(nnx.Module):
@@ -115,8 +115,10 @@ class MoE(nnx.Module):
     t = self.norm(x).reshape(groups, batch * length // groups, hidden)  # [P, M, D]
     logits = self.router(t.astype(jnp.float32))  # [P, M, E]
     top_experts, top_weights = route(logits, self.cfg.experts_per_token)  # [P, M, C]
+    # One expert's two matrices (D x 2F and F x D) in the compute dtype.
+    expert_bytes = 3 * hidden * self.cfg.intermediate_size * jnp.dtype(self.dtype).itemsize
     impl = choices.moe_impl(impl or self.execution.moe_impl, t.shape[1], self.cfg.num_experts,
-                            self.cfg.experts_per_token)
+                            self.cfg.experts_per_token, expert_bytes)
     options = dict(activation=functools.partial(swiglu, limit=self.cfg.swiglu_limit))
     if impl != "ragged":
       options["matmul"] = matmul_for(self.execution.matmul_impl)
@@ -153,7 +155,8 @@ class MoE(nnx.Module):
     """(w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D]) in the compute dtype.
 
     MXFP4 matrices come as `Mxfp4Experts`, which the sorted dispatch indexes by the experts its
-    blocks select, so a decode step decodes only those; elsewhere every expert is decoded once.
+    blocks select, so a decode step decodes only those, and the looped one by its current
+    block's expert; elsewhere every expert is decoded once.
     """
     b1, b2 = self.mlp1_bias[...].astype(self.dtype), self.mlp2_bias[...].astype(self.dtype)
     if self.execution.expert_format != "mxfp4":
@@ -162,6 +165,8 @@ class MoE(nnx.Module):
     decode = choices.mxfp4_decode(self.execution.mxfp4_impl)
     w1, w2 = (mxfp4.Mxfp4Experts(blocks[...], scales[...], decode, self.dtype) for blocks, scales
               in ((self.mlp1_blocks, self.mlp1_scales), (self.mlp2_blocks, self.mlp2_scales)))
+    if impl == "looped":
+      return w1, b1, w2, b2
     if impl != "sorted" or not choices.decode_selected(tokens, self.cfg.num_experts,
                                                         self.cfg.experts_per_token):
       w1, w2 = w1.dequantize(), w2.dequantize()
