@@ -38,7 +38,8 @@ def check_pairs(windows: list[int | None]) -> None:
   for layer, window in enumerate(windows):
     if window != windows[layer % 2]:
       raise ConfigError(f"the scan layout stacks layers in (sliding, full) pairs, but layer "
-                        f"{layer}'s window is {window} and layer {layer % 2}'s {windows[layer % 2]}")
+                        f"{layer}'s window is {window} and layer {layer % 2}'s "
+                        f"{windows[layer % 2]}")
 
 
 class BlockPair(nnx.Module):
