@@ -16,6 +16,7 @@ from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import GptOss, layer_layout
 from nanogptoss_jax.parallel import rules
+from nanogptoss_jax.sampling.decode import generate
 from nanogptoss_jax.training import checkpoints
 from nanogptoss_jax.training.loop import Trainer, train
 from nanogptoss_jax.training.weights import load_checkpoint
@@ -68,6 +69,30 @@ def _prefill_then_one(model, tokens):
 def _close(a, b, tolerance=TOLERANCE):
   a, b = np.asarray(a), np.asarray(b)
   return float(np.abs(a - b).max()) <= tolerance * max(1.0, float(np.abs(b).max()))
+
+
+def test_scanned_decode_writes_each_layer_in_place_and_equals_the_loop():
+  """generate over scanned stacks (caches stacked per kind of layer, carried through the scan)
+  draws the loop's tokens, past the sliding ring's wrap, with rows at different positions; the
+  cache holds one [L/2] stack per kind and the odd last layer apart."""
+  loop, scan = _random_pair(3)
+  cache = scan.init_cache(2, 32)
+  assert cache.sliding.k.shape[:2] == (1, 2) and cache.sliding.k.shape[3] == SMALL.sliding_window
+  assert cache.full.k.shape[3] == 32 and cache.last.k.shape[:2] == (1, 2)
+  prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 6]]
+  assert generate(scan, prompts, 12, temperature=0.0) == generate(loop, prompts, 12,
+                                                                  temperature=0.0)
+
+
+def test_one_window_rule_or_a_clear_error():
+  """The pairs take their windows from `layer_window`; a rule they cannot stack is refused."""
+  class Thirds(GptOssConfig):
+    def layer_window(self, layer):
+      return self.sliding_window if layer % 3 else None
+  cfg = Thirds(**{f.name: getattr(SMALL, f.name) for f in dataclasses.fields(SMALL)}
+               | dict(num_hidden_layers=4))
+  with pytest.raises(ValueError, match="layer 2's window"):
+    GptOss(cfg, execution=ExecutionConfig(layers_impl="scan"), rngs=nnx.Rngs(0))
 
 
 # Three layers: a scanned (sliding, full) pair and a last block; four: two pairs, remat'd.

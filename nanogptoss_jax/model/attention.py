@@ -17,7 +17,7 @@ from nanogptoss_jax.kernels.splash_attention import splash_attention
 from nanogptoss_jax.model import adapters, axes, choices
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
-from nanogptoss_jax.model.kv_cache import LayerCache, cache_write
+from nanogptoss_jax.model.kv_cache import LayerCache, cache_write, layer_view
 from nanogptoss_jax.model.layers import RMSNorm, linear, normal_init, residual_init
 from nanogptoss_jax.model.rope import apply_rope
 
@@ -83,12 +83,15 @@ def attend(q, k, v, q_pos, k_pos, *, window, sinks, impl: str = "auto", platform
                            in_order=in_order)
 
 
-def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: int | None,
-                      sinks: jax.Array | None, impl: str = "auto", platform: str = "auto",
-                      in_order: bool = False) -> tuple[jax.Array, LayerCache | None]:
+def attend_with_cache(q, k, v, positions, cache: LayerCache | None, layer=None, *,
+                      window: int | None, sinks: jax.Array | None, impl: str = "auto",
+                      platform: str = "auto", in_order: bool = False
+                      ) -> tuple[jax.Array, LayerCache | None]:
   """Attention of new tokens over themselves (no cache) or over cache + themselves.
 
   q [B, T, K, G, H]; k, v [B, T, K, H] for the new tokens. `in_order`: positions are 0..T-1.
+  `layer`: `cache` is a stack ([L, ...]) of which this layer is entry `layer`; it is written in
+  place and the whole stack returned.
   """
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   options = dict(window=window, sinks=sinks, impl=impl, platform=platform)
@@ -96,15 +99,17 @@ def attend_with_cache(q, k, v, positions, cache: LayerCache | None, *, window: i
     return attend(q, k, v, positions, positions, in_order=in_order, **options), None
   if window is None:
     # Full layer: the cache has a slot for every position, so write first and read it whole.
-    cache = cache_write(cache, k, v, positions)
-    return attend(q, cache.k, cache.v, positions, cache.pos, **options), cache
+    cache = cache_write(cache, k, v, positions, layer)
+    view = layer_view(cache, layer)
+    return attend(q, view.k, view.v, positions, view.pos, **options), cache
   # Sliding layer: the ring holds only the last `window` positions, and a multi-token write
   # would evict keys that this chunk's earlier queries still need; read ring + chunk, then write.
-  keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=2)  # [B, K, S + T, H]
-  values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=2)
-  key_pos = jnp.concatenate([cache.pos, positions.astype(jnp.int32)], axis=1)
+  view = layer_view(cache, layer)
+  keys = jnp.concatenate([view.k, k.astype(view.k.dtype)], axis=2)  # [B, K, S + T, H]
+  values = jnp.concatenate([view.v, v.astype(view.v.dtype)], axis=2)
+  key_pos = jnp.concatenate([view.pos, positions.astype(jnp.int32)], axis=1)
   out = attend(q, keys, values, positions, key_pos, **options)
-  return out, cache_write(cache, k, v, positions)
+  return out, cache_write(cache, k, v, positions, layer)
 
 
 class Attention(nnx.Module):
@@ -133,7 +138,7 @@ class Attention(nnx.Module):
                       kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-               cache: LayerCache | None = None, *, in_order: bool = False
+               cache: LayerCache | None = None, layer=None, *, in_order: bool = False
                ) -> tuple[jax.Array, LayerCache | None]:
     batch, length, _ = x.shape
     groups = self.num_heads // self.kv_heads
@@ -151,7 +156,8 @@ class Attention(nnx.Module):
     v = v.reshape(batch, length, self.kv_heads, self.head_dim)  # [B, T, K, H]
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     sinks = self.sinks[...].reshape(self.kv_heads, groups)  # [K, G]
-    out, cache = attend_with_cache(q, k, v, positions, cache, window=self.window, sinks=sinks,
-                                   impl=self.impl, platform=self.platform, in_order=in_order)
+    out, cache = attend_with_cache(q, k, v, positions, cache, layer, window=self.window,
+                                   sinks=sinks, impl=self.impl, platform=self.platform,
+                                   in_order=in_order)
     out = out.reshape(batch, length, self.num_heads * self.head_dim)  # [B, T, N * H]
     return adapters.add_update(self, "o", out, self.out(out)), cache

@@ -8,7 +8,7 @@ from nanogptoss_jax.model import axes, choices
 from nanogptoss_jax.model.attention import Attention
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
-from nanogptoss_jax.model.kv_cache import LayerCache, empty_cache
+from nanogptoss_jax.model.kv_cache import LayerCache, StackedCache, empty_cache
 from nanogptoss_jax.model.layer_stack import LOOP, SCAN, ScannedBlocks, stack_flat
 from nanogptoss_jax.model.layers import RMSNorm, normal_init
 from nanogptoss_jax.model.moe import MoE
@@ -30,8 +30,9 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, layer, execution=execution, rngs=rngs)
     self.mlp = MoE(cfg, execution=execution, rngs=rngs)
 
-  def __call__(self, x, positions, rope, cache=None, *, in_order=False, moe_groups=1):
-    attn_out, cache = self.attn(x, positions, rope, cache, in_order=in_order)
+  def __call__(self, x, positions, rope, cache=None, layer=None, *, in_order=False,
+               moe_groups=1):
+    attn_out, cache = self.attn(x, positions, rope, cache, layer, in_order=in_order)
     x = x + attn_out
     mlp_out, stats = self.mlp(x, groups=moe_groups)
     return x + mlp_out, cache, stats
@@ -61,7 +62,7 @@ class GptOss(nnx.Module):
     return self.forward(tokens).logits
 
   def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-              cache: list[LayerCache] | None = None, *, unembed: bool = True,
+              cache: list[LayerCache] | StackedCache | None = None, *, unembed: bool = True,
               moe_groups: int = 1) -> ModelOutput:
     """Logits for tokens [B, T] at `positions` [B, T] (default 0..T-1; negative = padding).
 
@@ -74,17 +75,16 @@ class GptOss(nnx.Module):
     rope = (rope_tables_in_order(self.cfg, tokens.shape[1]) if in_order
             else rope_tables(self.cfg, positions))
     x = self.embedding(tokens)  # [B, T, D]
-    new_cache, stats = [], []
-    if cache is None and isinstance(self.blocks, ScannedBlocks):
-      x, stats = self.blocks(x, lambda block, x: self._block(block, in_order, moe_groups)(
-          x, positions, rope, None)[::2])
+    run = self._block(in_order, moe_groups)
+    if isinstance(self.blocks, ScannedBlocks):
+      # One traced pair of layers, whatever the depth; the caches are stacks the scan carries.
+      x, new_cache, stats = self.blocks(
+          x, lambda block, x, cache, layer: run(block, x, positions, rope, cache, layer), cache)
     else:
-      # Caches differ in shape between sliding and full layers and callers index them by layer:
-      # a cached forward runs layer by layer in either layout (over scanned stacks each layer is
-      # a slice XLA copies, slower to decode, so inference loaders give the loop layout).
+      new_cache, stats = [], []
       for layer in range(self.cfg.num_hidden_layers):
-        x, layer_cache, layer_stats = self._block(self.block(layer), in_order, moe_groups)(
-            x, positions, rope, None if cache is None else cache[layer])
+        x, layer_cache, layer_stats = run(self.blocks[layer], x, positions, rope,
+                                          None if cache is None else cache[layer])
         new_cache.append(layer_cache)
         stats.append(layer_stats)
     hidden = self.norm(x)
@@ -93,15 +93,15 @@ class GptOss(nnx.Module):
     return ModelOutput(logits=logits, hidden=hidden, cache=None if cache is None else new_cache,
                        aux=aux)
 
-  def _block(self, block, in_order: bool, moe_groups: int):
-    """`block`, or under the execution's `remat` a version whose backward pass recomputes it."""
+  def _block(self, in_order: bool, moe_groups: int):
+    """`run(block, *args)` applying a block, or under the execution's `remat` a version whose
+    backward pass recomputes it."""
     options = dict(in_order=in_order, moe_groups=moe_groups)
     if self.execution.remat == "none":
-      return lambda *args: block(*args, **options)
+      return lambda block, *args: block(*args, **options)
     policy = (jax.checkpoint_policies.save_only_these_names(choices.MATMUL_OUTPUT)
               if self.execution.remat == "matmuls" else None)
-    remat = nnx.remat(lambda block, *args: block(*args, **options), policy=policy)
-    return lambda *args: remat(block, *args)
+    return nnx.remat(lambda block, *args: block(*args, **options), policy=policy)
 
   def block(self, layer: int) -> Block:
     """Block `layer` (in the scan layout a view whose arrays are slices of the stacks)."""
@@ -109,13 +109,22 @@ class GptOss(nnx.Module):
       return self.blocks.block(layer)
     return self.blocks[layer]
 
-  def init_cache(self, batch: int, max_length: int) -> list[LayerCache]:
-    """An empty cache for `max_length` positions; sliding layers keep only a window-sized ring."""
+  def init_cache(self, batch: int, max_length: int) -> list[LayerCache] | StackedCache:
+    """An empty cache for `max_length` positions; sliding layers keep only a window-sized ring.
+    A list of layer caches in the loop layout, stacks per kind of layer in the scan layout."""
     cfg = self.cfg
-    slots = [min(cfg.layer_window(layer) or max_length, max_length)
-             for layer in range(cfg.num_hidden_layers)]
-    return [empty_cache(batch, s, cfg.num_key_value_heads, cfg.head_dim,
-                        self.execution.compute_dtype) for s in slots]
+
+    def empty(layer: int, layers: tuple[int, ...] = ()) -> LayerCache:
+      slots = min(cfg.layer_window(layer) or max_length, max_length)
+      return empty_cache(batch, slots, cfg.num_key_value_heads, cfg.head_dim,
+                         self.execution.compute_dtype, layers)
+
+    if not isinstance(self.blocks, ScannedBlocks):
+      return [empty(layer) for layer in range(cfg.num_hidden_layers)]
+    pairs, odd = divmod(cfg.num_hidden_layers, 2)
+    return StackedCache(sliding=empty(0, (pairs,)) if pairs else None,
+                        full=empty(1, (pairs,)) if pairs else None,
+                        last=empty(cfg.num_hidden_layers - 1, (1,)) if odd else None)
 
   def param_counts(self) -> dict[str, int]:
     """{"total": all parameters, "active": those one token's forward pass uses}.

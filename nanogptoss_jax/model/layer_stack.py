@@ -5,7 +5,13 @@ and the compile time of a train step grows with depth. The scan layout stacks th
 the even (sliding) layers and of the odd (full) layers along a leading [L/2] axis
 (`blocks.pairs.sliding.…`, `blocks.pairs.full.…`), and runs one `lax.scan` over the pairs: the
 two kinds of layer differ in their window, which is static, so a pair is the unit that repeats.
-An odd last layer (sliding) stays apart (`blocks.last.…`).
+An odd last layer (sliding) stays apart (`blocks.last.…`). The windows come from
+`GptOssConfig.layer_window` alone (`check_pairs` refuses a rule the pairs cannot hold).
+
+A cached forward (prefill, decode) scans too: the KV caches are stacks per kind of layer
+(`kv_cache.StackedCache`), carried through the scan, each layer's new keys scattered into its
+entry in place, so neither weights nor caches are copied per layer by Python-side slicing and
+compile time stays flat in depth.
 
 Both layouts hold the same numbers, so any state tree converts between them (`to_layout`):
 parameters, optimiser moments, abstract shapes for restoring checkpoints.
@@ -18,9 +24,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogptoss_jax.model import axes
+from nanogptoss_jax.model.config import ConfigError
+from nanogptoss_jax.model.kv_cache import StackedCache
 
 LOOP, SCAN = "loop", "scan"
 BLOCKS, PAIRS, LAST, SLIDING, FULL = "blocks", "pairs", "last", "sliding", "full"
+
+
+def check_pairs(windows: list[int | None]) -> None:
+  """Refuses a window rule (`GptOssConfig.layer_window`, the one place it is written) that the
+  pair stacks cannot hold: every pair's sliding layer as wide as layer 0, its full one as
+  layer 1; else one traced pair would run some layers with another layer's window."""
+  for layer, window in enumerate(windows):
+    if window != windows[layer % 2]:
+      raise ConfigError(f"the scan layout stacks layers in (sliding, full) pairs, but layer "
+                        f"{layer}'s window is {window} and layer {layer % 2}'s "
+                        f"{windows[layer % 2]}")
 
 
 class BlockPair(nnx.Module):
@@ -35,6 +54,7 @@ class ScannedBlocks(nnx.Module):
 
   def __init__(self, blocks: list[nnx.Module]):
     self.num_layers = len(blocks)
+    check_pairs([block.attn.window for block in blocks])
     pairs = [BlockPair(blocks[i], blocks[i + 1]) for i in range(0, len(blocks) - 1, 2)]
     self.pairs = (nnx.merge(nnx.graphdef(pairs[0]), _stack([nnx.state(pair) for pair in pairs]))
                   if pairs else None)
@@ -43,27 +63,33 @@ class ScannedBlocks(nnx.Module):
   def __len__(self) -> int:
     return self.num_layers
 
-  def __call__(self, x: jax.Array, run: Callable) -> tuple[jax.Array, list]:
-    """x through every layer in order, `run(block, x) -> (x, stats)` applying one; returns x
-    and each layer's stats."""
-    stats = []
+  def __call__(self, x: jax.Array, run: Callable, cache: StackedCache | None = None
+               ) -> tuple[jax.Array, StackedCache | None, list]:
+    """x through every layer in order, `run(block, x, cache, layer) -> (x, cache, stats)`
+    applying one over its entry `layer` of a stacked cache (None without a cache); returns x,
+    the caches (written in place, carried through the scan) and each layer's stats."""
+    stats, sliding, full, last = [], None, None, None
+    if cache is not None:
+      sliding, full, last = cache.sliding, cache.full, cache.last
     if self.pairs is not None:
       graphdef, state = nnx.split(self.pairs)
 
-      def body(x, pair_state):
+      def body(carry, pair_state):
+        x, sliding, full, pair_index = carry
         pair = nnx.merge(graphdef, pair_state)
-        x, sliding_stats = run(pair.sliding, x)
-        x, full_stats = run(pair.full, x)
-        return x, (sliding_stats, full_stats)
+        x, sliding, sliding_stats = run(pair.sliding, x, sliding, pair_index)
+        x, full, full_stats = run(pair.full, x, full, pair_index)
+        return (x, sliding, full, pair_index + 1), (sliding_stats, full_stats)
 
-      x, (sliding_stats, full_stats) = jax.lax.scan(body, x, state)
+      start = (x, sliding, full, jnp.zeros((), jnp.int32))
+      (x, sliding, full, _), (sliding_stats, full_stats) = jax.lax.scan(body, start, state)
       for p in range(self.num_layers // 2):
         stats += [jax.tree.map(lambda s: s[p], sliding_stats),
                   jax.tree.map(lambda s: s[p], full_stats)]
     if self.last is not None:
-      x, last_stats = run(self.last, x)
+      x, last, last_stats = run(self.last, x, last, 0)
       stats.append(last_stats)
-    return x, stats
+    return x, None if cache is None else StackedCache(sliding, full, last), stats
 
   def block(self, layer: int) -> nnx.Module:
     """Layer `layer` as a Block of its own (a view: its arrays are slices of the stacks)."""

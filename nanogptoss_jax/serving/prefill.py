@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from nanogptoss_jax.model import kv_cache
 from nanogptoss_jax.sampling.decode import prefill_rows, prompt_bucket
 
 
@@ -30,7 +31,7 @@ def _prefill_into(graphdef, params, cache, tokens, positions, slot_ids, cache_le
   model = nnx.merge(graphdef, params)
   model.eval()
   rows = model.forward(tokens, positions, model.init_cache(tokens.shape[0], cache_length)).cache
-  return jax.tree.map(lambda big, new: big.at[slot_ids].set(new, mode="drop"), cache, rows)
+  return kv_cache.set_rows(cache, slot_ids, rows)
 
 
 _prefill_jit = jax.jit(_prefill_into, static_argnums=(0, 6), donate_argnums=2)
@@ -50,7 +51,7 @@ def prefill(graphdef, params, cache, prompts: list[list[int]], slot_ids: list[in
 
   The last token is fed by the slot's first decode step, as in sampling/decode.py's generate.
   """
-  slots = jax.tree.leaves(cache)[0].shape[0]
+  slots = kv_cache.batch_size(cache)
   batch = batch_bucket(len(prompts), slots)
   bucket = prompt_bucket(max(max(len(p) for p in prompts) - 1, 1))
   return _prefill_jit(graphdef, params, cache, *_padded(prompts, slot_ids, batch, bucket, slots),
@@ -62,7 +63,7 @@ def warm_up(graphdef, params, cache, prompt_length: int, cache_length: int):
 
   All rows are padding aimed past the last slot, so nothing is stored or written.
   """
-  slots = jax.tree.leaves(cache)[0].shape[0]
+  slots = kv_cache.batch_size(cache)
   bucket = prompt_bucket(max(prompt_length - 1, 1))
   # The first call may see a fresh cache whose sharding (single device) differs from the
   # jitted outputs' (the model's mesh): a key of its own, so batch 1 is compiled again after it.
