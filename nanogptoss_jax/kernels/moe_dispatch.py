@@ -4,8 +4,8 @@
 `sorted_experts` groups the token-expert assignments by expert into fixed-size row blocks and
 runs one batched matmul over the blocks; `looped_experts` runs the same blocks one at a time, so
 that one block's expert weights exist at once (decoded, for MXFP4 experts); `ragged_experts`
-groups the same way and calls `jax.lax.ragged_dot`. Row gathers whose backward passes are gathers too (`take_rows`) stand in
-for autodiff's scatter-adds, which run slowly on a CPU.
+groups the same way and calls `jax.lax.ragged_dot`. Row gathers whose backward passes are
+gathers too (`take_rows`) stand in for autodiff's scatter-adds, which run slowly on a CPU.
 """
 
 import dataclasses
