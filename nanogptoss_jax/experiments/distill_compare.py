@@ -5,6 +5,9 @@ and distilled from an offline top-k cache, same data, steps, schedule and seeds.
       [--runs DIR] [--seeds 0,1,2] [--arms scratch,online,top_k] [--alpha A] [--tau T]
       [--config.KEY=VALUE ...]
 
+--alpha and --tau take one value for every distilled arm or one per arm
+(`--alpha online=0.9,top_k=0.5`), so each arm can run with the setting tuned for it.
+
 Every student is a `train.py` child process (its own memory, resumable: a finished run is read,
 not retrained); the offline arm first runs the teacher-cache command once (the cache is keyed by
 the data and the teacher, so every seed and every (alpha, tau) share it). The report scores the
@@ -38,20 +41,50 @@ METRICS_FILE, REPORT_FILE, RESULTS_FILE, PLOT_FILE = (
     "metrics.jsonl", "report.md", "results.json", "val_loss.png")
 
 
+def per_arm(text: str) -> dict[str, float]:
+  """"0.5" -> that value for every distilled arm; "online=0.9,top_k=0.5" -> one per arm."""
+  if "=" not in text:
+    return {arm: float(text) for arm in ARMS if arm != "scratch"}
+  values = dict(item.split("=") for item in text.split(","))
+  unknown = set(values) - set(ARMS)
+  if unknown:
+    sys.exit(f"error: {text!r} names no arm {sorted(unknown)}; the arms are {list(ARMS)}")
+  return {arm: float(value) for arm, value in values.items()}
+
+
+def kd_setting(arm: str, args) -> tuple[float, float]:
+  """(alpha, tau) of a distilled arm."""
+  try:
+    return args.alpha[arm], args.tau[arm]
+  except KeyError:
+    sys.exit(f"error: --alpha and --tau must give a value for arm {arm!r}")
+
+
 def arm_overrides(arm: str, args) -> list[str]:
   """The overrides that make `arm` out of the shared student config."""
   if arm == "scratch":
     return []
-  kd = [f"--config.train.teacher={args.teacher}", f"--config.train.kd_alpha={args.alpha}",
-        f"--config.train.kd_temperature={args.tau}"]
+  alpha, tau = kd_setting(arm, args)
+  kd = [f"--config.train.teacher={args.teacher}", f"--config.train.kd_alpha={alpha}",
+        f"--config.train.kd_temperature={tau}"]
   if arm == "online":
     return kd + ["--config.train.kd_mode=online"]
   return kd + ["--config.train.kd_mode=top_k", f"--config.train.kd_k={args.k}"]
 
 
 def run_dir(arm: str, seed: int, args) -> Path:
-  kd = "" if arm == "scratch" else f"-a{args.alpha:g}-t{args.tau:g}"
+  if arm == "scratch":
+    return Path(args.runs) / f"{arm}-s{seed}"
+  alpha, tau = kd_setting(arm, args)
+  kd = f"-a{alpha:g}-t{tau:g}"
   return Path(args.runs) / f"{arm}{kd}-s{seed}"
+
+
+def arm_label(arm: str, args) -> str:
+  if arm == "scratch":
+    return ARMS[arm]
+  alpha, tau = kd_setting(arm, args)
+  return f"{ARMS[arm]} (α {alpha:g}, τ {tau:g})"
 
 
 def finished(path: Path, steps: int) -> bool:
@@ -94,7 +127,7 @@ def _cell(stats: dict, fmt: str) -> str:
   return f"{fmt.format(stats['mean'])} ± {fmt.replace('+', '').format(stats['std'])}"
 
 
-def results_table(runs: list[dict], arms: list[str]) -> tuple[str, dict]:
+def results_table(runs: list[dict], labels: dict[str, str]) -> tuple[str, dict]:
   """Rows: arms; columns: mean ± std of each score, and the val-loss change against scratch
   paired by seed (the seed fixes the data order and the student's initialisation)."""
   scratch = {run["seed"]: run for run in runs if run["arm"] == "scratch"}
@@ -102,7 +135,7 @@ def results_table(runs: list[dict], arms: list[str]) -> tuple[str, dict]:
   lines = ["| student | val loss (nats/token) | val bits/byte | train CE, last logged | "
            "val loss vs alone (paired by seed) | s/step (median) |",
            "|---|---:|---:|---:|---:|---:|"]
-  for arm in arms:
+  for arm, label in labels.items():
     mine = [run for run in runs if run["arm"] == arm]
     stats = {key: mean_std([run[key] for run in mine])
              for key in ("val_loss", "val_bpb", "train_ce", "s_per_step")}
@@ -111,16 +144,16 @@ def results_table(runs: list[dict], arms: list[str]) -> tuple[str, dict]:
     stats["vs_scratch_percent"] = mean_std(paired)
     summary[arm] = stats
     versus = "—" if arm == "scratch" else _cell(stats["vs_scratch_percent"], "{:+.2f}") + "%"
-    lines.append(f"| {ARMS[arm]} ({len(mine)} seeds) | {_cell(stats['val_loss'], '{:.4f}')} | "
+    lines.append(f"| {label}, {len(mine)} seeds | {_cell(stats['val_loss'], '{:.4f}')} | "
                  f"{_cell(stats['val_bpb'], '{:.4f}')} | {_cell(stats['train_ce'], '{:.4f}')} | "
                  f"{versus} | {_cell(stats['s_per_step'], '{:.2f}')} |")
   return "\n".join(lines), summary
 
 
-def plot(runs: list[dict], arms: list[str], teacher: dict, out_path: Path) -> None:
+def plot(runs: list[dict], labels: dict[str, str], teacher: dict, out_path: Path) -> None:
   """Validation loss against training tokens: thin lines per seed, thick per-arm means."""
   fig, ax = plt.subplots(figsize=(8, 5))
-  for arm in arms:
+  for arm, label in labels.items():
     curves = []
     for run in (r for r in runs if r["arm"] == arm):
       curve = {row["tokens"]: row["val_loss"]
@@ -129,7 +162,7 @@ def plot(runs: list[dict], arms: list[str], teacher: dict, out_path: Path) -> No
       curves.append(curve)
     shared = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     ax.plot(shared, [np.mean([c[t] for c in curves]) for t in shared], color=COLORS[arm],
-            lw=2.5, marker="o", ms=4, label=f"{ARMS[arm]}: mean of {len(curves)} seeds")
+            lw=2.5, marker="o", ms=4, label=f"{label}: mean of {len(curves)} seeds")
   ax.axhline(teacher["val_loss"], color="black", ls="--", lw=1,
              label=f"teacher (small, {teacher['tokens'] / 1e6:.1f}M tokens): "
                    f"{teacher['val_loss']:.3f}")
@@ -150,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--runs", default="runs/distill", help="the students' run directories")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--arms", default=",".join(ARMS))
-  parser.add_argument("--alpha", type=float, default=0.5)
-  parser.add_argument("--tau", type=float, default=1.0)
+  parser.add_argument("--alpha", type=per_arm, default="0.5")
+  parser.add_argument("--tau", type=per_arm, default="1.0")
   parser.add_argument("--k", type=int, default=32)
   parser.add_argument("--steps", type=int, default=150)
   args, overrides = parser.parse_known_args(argv)
@@ -177,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
   teacher = teacher_score(args.teacher)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  table, summary = results_table(runs, arms)
-  plot(runs, arms, teacher, out / PLOT_FILE)
+  labels = {arm: arm_label(arm, args) for arm in arms}
+  table, summary = results_table(runs, labels)
+  plot(runs, labels, teacher, out / PLOT_FILE)
   (out / "table.md").write_text(table + "\n")
   write_json(out / RESULTS_FILE, {
       "args": {k: v for k, v in vars(args).items()}, "overrides": common,
