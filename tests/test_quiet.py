@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nanogptoss_jax.training.loop import train
-from nanogptoss_jax.training.metrics_log import FILE_PROGRESS_INTERVAL_S
+from nanogptoss_jax.progress import FILE_PROGRESS_INTERVAL_S
 from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from nanogptoss_jax.data.bpe import use_bpe_file
 from nanogptoss_jax.data.config import DataConfig
@@ -16,6 +15,7 @@ from nanogptoss_jax.data.token_cache import (TOKEN_DTYPE, TokenStream, cache_key
 from nanogptoss_jax.data.tokenizer import (ENCODE_THREADS, FullTokenizer, Tokenizer,
                                            base_encoding, count_base_ids, tokenizer_from_config)
 from nanogptoss_jax.o200k import ENCODING_NAME, ENDOFTEXT
+from nanogptoss_jax.progress import progress_bar
 
 MAP_CHUNK_TOKENS = 1 << 24  # base -> model ids in chunks, so int64 temporaries stay ~128 MB
 # Each story is followed by <|endoftext|>; we count it as the one byte (a newline) that would
@@ -31,7 +31,7 @@ def _encode_stories(stories: list[str]) -> list[list[int]]:
 def _tokenize(stories: Iterator[str], description: str, tally: dict) -> Iterator[np.ndarray]:
   """Base ids of every story with <|endoftext|> after each; adds stories and bytes to tally."""
   eot = base_encoding().encode_single_token(ENDOFTEXT)
-  with tqdm(desc=f"tokenising {description}", unit="tok", unit_scale=True) as progress:
+  with progress_bar(desc=f"tokenising {description}", unit="tok", unit_scale=True) as progress:
     while stories_batch := list(itertools.islice(stories, STORIES_PER_BATCH)):
       token_lists = _encode_stories(stories_batch)
       for tokens in token_lists:

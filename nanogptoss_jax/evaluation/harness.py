@@ -9,11 +9,11 @@ import logging
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
 
 from nanogptoss_jax.evaluation.generation import generate_until
 from nanogptoss_jax.evaluation.loading import Adapter, load_model
 from nanogptoss_jax.evaluation.scoring import Row, score_rows
+from nanogptoss_jax.progress import progress_bar
 
 # Longest row scored when the model allows more (gpt-oss: 131,072 positions); --max-length.
 DEFAULT_MAX_LENGTH = 8192
@@ -69,7 +69,7 @@ class HarnessModel(TemplateLM):
     return self.tokenizer.decode(tokens)
 
   def _score(self, rows: list[Row], description: str, disable_tqdm: bool):
-    with tqdm(total=len(rows), desc=description, disable=disable_tqdm) as bar:
+    with progress_bar(total=len(rows), desc=description, disable=disable_tqdm) as bar:
       return score_rows(self.model, rows, batch_tokens=self.batch_tokens, progress=bar.update)
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -111,7 +111,7 @@ class HarnessModel(TemplateLM):
       groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(
           (index, context))
     results = [""] * len(requests)
-    with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
+    with progress_bar(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
       for key, members in groups.items():
         max_new, stop_strings, sampler = self._sampler(json.loads(key))
         prompts = [(index, self._prompt(context, max_new)) for index, context in members]

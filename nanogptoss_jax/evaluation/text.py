@@ -4,13 +4,13 @@ like training's validation: the same split, windows and byte count."""
 import math
 
 import numpy as np
-from tqdm import tqdm
 
 from nanogptoss_jax.data.config import DataConfig
 from nanogptoss_jax.data.streams import base_token_stream
 from nanogptoss_jax.data.token_cache import TokenStream
 from nanogptoss_jax.data.windows import val_windows
 from nanogptoss_jax.evaluation.scoring import target_logprobs
+from nanogptoss_jax.progress import progress_bar
 
 
 def text_windows(tokenizer, data: DataConfig, split: str, context_len: int, windows: int
@@ -31,8 +31,8 @@ def score_text(model, windows: np.ndarray, weights: np.ndarray, bytes_per_token:
   """{"loss": weighted mean nats/token, "bits_per_byte", "tokens", "windows"}; the last batch is
   padded with zero-weight rows, so one shape compiles."""
   total, count = 0.0, 0.0
-  for start in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch",
-                    disable=not progress):
+  for start in progress_bar(range(0, len(windows), batch_size), desc="scoring", unit="batch",
+                            disable=not progress):
     rows, weight = windows[start:start + batch_size], weights[start:start + batch_size]
     missing = batch_size - len(rows)
     rows = np.pad(rows, ((0, missing), (0, 0))).astype(np.int32)  # [B, T + 1]

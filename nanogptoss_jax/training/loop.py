@@ -19,9 +19,10 @@ from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.training import checkpoints as ckpt
 from nanogptoss_jax.training import evaluation
 from nanogptoss_jax.parallel.mesh import make_mesh
+from nanogptoss_jax.progress import progress_bar
 from nanogptoss_jax.training import faults, weights
 from nanogptoss_jax.training import mesh as sharding
-from nanogptoss_jax.training.metrics_log import MetricsLog, progress_interval
+from nanogptoss_jax.training.metrics_log import MetricsLog
 from nanogptoss_jax.training.optimizer import lr_schedule
 from nanogptoss_jax.training.resume import check_resumable
 from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
@@ -170,8 +171,8 @@ class Trainer:
     if self.step >= cfg.steps:
       logging.info("run in %s is already at step %d of %d", self.run_dir, self.step, cfg.steps)
       return self._finish(self.evaluate())
-    self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                    disable=not (self.progress and self.is_main), mininterval=progress_interval())
+    self.bar = progress_bar(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                            disable=not (self.progress and self.is_main))
     last, pending = {}, None  # pending: (step, device metrics), fetched after the next dispatch
     multiprocess = jax.process_count() > 1
     signals = (signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)

@@ -4,7 +4,6 @@ Biases run when train.wandb_project names a project."""
 import json
 import logging
 import pathlib
-import sys
 
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.training.config_io import config_to_dict
@@ -15,16 +14,6 @@ METRICS_FILE = "metrics.jsonl"
 # The wandb run's id, kept in the run directory so that a resume continues that run.
 WANDB_RUN_FILE = "wandb_run_id"
 WANDB_PLOT_KEY = "loss_plot"
-# Seconds between draws of a progress bar written to a file (a log), not to a terminal.
-FILE_PROGRESS_INTERVAL_S = 5.0
-TERMINAL_PROGRESS_INTERVAL_S = 0.1  # tqdm's default
-
-
-def progress_interval() -> float:
-  """tqdm's mininterval for a bar on stderr: a log file gets a line every few seconds."""
-  return TERMINAL_PROGRESS_INTERVAL_S if sys.stderr.isatty() else FILE_PROGRESS_INTERVAL_S
-
-
 class MetricsLog:
   """Appends dicts to metrics.jsonl, and to TensorBoard and wandb when they are on."""
 

@@ -11,13 +11,13 @@ import logging
 import jax
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from nanogptoss_jax.data import teacher_rows
 from nanogptoss_jax.data.bpe import use_bpe_file
 from nanogptoss_jax.data.streams import prepare_data
 from nanogptoss_jax.data.windows import window_count
 from nanogptoss_jax.errors import UserError
+from nanogptoss_jax.progress import progress_bar
 from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.distillation import sample_teacher, top_k_teacher
 from nanogptoss_jax.training.run_config import RunConfig, validate_run_config
@@ -72,7 +72,7 @@ def precompute(cfg: RunConfig, batch_windows: int | None = None, progress: bool 
   offsets = np.arange(length)
 
   def fill(arrays):
-    for start in tqdm(range(0, count, step), unit="batch", disable=not progress):
+    for start in progress_bar(range(0, count, step), unit="batch", disable=not progress):
       # A short last batch repeats its final window, so every call has one compiled shape.
       indices = np.minimum(np.arange(start, start + step), count - 1)
       inputs = stream.ids[indices[:, None] * length + offsets].astype(np.int32)  # [n, T]
