@@ -17,7 +17,7 @@ from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.parallel import rules
 from nanogptoss_jax.parallel.mesh import make_mesh, traced_on
-from nanogptoss_jax.serving import engine, prefill
+from nanogptoss_jax.serving import engine
 
 # Dimensions chosen apart (width 96, expert width 80, vocab 1,000, 8 experts, heads 8 / 4 x 16)
 # so that no activation of the decode step has a weight's shape by accident.

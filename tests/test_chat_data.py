@@ -333,11 +333,11 @@ def test_a_conversations_loss_is_the_same_alone_and_in_a_padded_batch(compact):
   batch = chat_batches.pad_batch(examples[::-1], context_len)
   logits = forward(model, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]))
   batched = (_nll(logits, batch["targets"]) * batch["weights"]).sum(1) / batch["weights"].sum(1)
-  for example, in_batch in zip(examples, batched[::-1]):
+  for rendered, in_batch in zip(examples, batched[::-1]):
     # Alone: no padding, implied positions, the trained tokens picked by index, not by weights.
-    ids = example.ids
+    ids = rendered.ids
     alone = _nll(forward(model, jnp.asarray(ids[None, :-1]), None), ids[None, 1:])[0]
-    expected = alone[example.trained_from - 1:].mean()
+    expected = alone[rendered.trained_from - 1:].mean()
     assert in_batch == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 

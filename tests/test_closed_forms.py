@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nanogptoss_jax.data.token_cache import TokenStream
 from nanogptoss_jax.data.windows import make_train_dataset, val_windows
@@ -16,7 +15,6 @@ from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.moe import router_stats, swiglu
 from nanogptoss_jax.model.registry import build_model
 from nanogptoss_jax.model.rope import yarn_frequencies
-from nanogptoss_jax.training import step as train_step_module
 from nanogptoss_jax.training.optimizer import make_optimizer
 from nanogptoss_jax.training.state import init_train_state, split_model
 from nanogptoss_jax.training.losses import next_token_loss

@@ -19,7 +19,7 @@ from nanogptoss_jax.pretrained.export import save_pretrained
 from nanogptoss_jax.pretrained.load import load_pretrained
 from nanogptoss_jax.training.weights import load_checkpoint
 from nanogptoss_jax.training.loop import train
-from tests.pretrained_helpers import TINY, write_original
+from tests.pretrained_helpers import write_original
 from tests.factories import relative_error
 from tests.train_helpers import tiny_run
 

@@ -21,7 +21,6 @@ from flax import nnx
 from nanogptoss_jax.training import checkpoints as ckpt
 from nanogptoss_jax.training import weights
 from nanogptoss_jax.training.faults import FAULT_ENV
-from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CKPT_EVERY, EVAL_EVERY = 12, 4, 6

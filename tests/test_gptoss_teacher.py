@@ -5,7 +5,6 @@ offline cache; its full-o200k ids reach the student's through the compact table.
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Every fast path in kernels/ equals its plain twin in model/ (values and gradients), and a
 whole model with every `*_impl="plain"` equals the default one."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanogptoss_jax import Gpt2, Gpt2Config, GptOss, GptOssConfig
+from nanogptoss_jax import Gpt2, Gpt2Config, GptOss
 from nanogptoss_jax.kernels.attention import QUERY_BLOCK
 from nanogptoss_jax.kernels.cross_entropy import unembed_cross_entropy
 from nanogptoss_jax.model.attention import attend, attention

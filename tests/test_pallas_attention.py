@@ -4,7 +4,6 @@ model/: values and every gradient (q, k, v, sinks), in Pallas' interpret mode on
 sequence, GQA groups 1 to 8, lengths that are no multiple of a block, keys in order or not."""
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from nanogptoss_jax.kernels.pallas_attention import pallas_attention

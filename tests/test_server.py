@@ -1,6 +1,5 @@
 """The OpenAI-compatible server on a real uvicorn: the official client, batching, errors."""
 
-import json
 import threading
 import time
 

@@ -16,7 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from nanogptoss_jax.model import adapters, axes, mxfp4
+from nanogptoss_jax.model import adapters, axes
 from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.model.layer_stack import ScannedBlocks

@@ -9,7 +9,7 @@ import uuid
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from nanogptoss_jax.serving.app import ApiError, Service, TextStream, error
 from nanogptoss_jax.serving.engine import QueueFull
