@@ -144,7 +144,8 @@ def results_table(runs: list[dict], labels: dict[str, str]) -> tuple[str, dict]:
     stats["vs_scratch_percent"] = mean_std(paired)
     summary[arm] = stats
     versus = "—" if arm == "scratch" else _cell(stats["vs_scratch_percent"], "{:+.2f}") + "%"
-    lines.append(f"| {label}, {len(mine)} seeds | {_cell(stats['val_loss'], '{:.4f}')} | "
+    seeds = f"{len(mine)} seed" + "s" * (len(mine) != 1)
+    lines.append(f"| {label}, {seeds} | {_cell(stats['val_loss'], '{:.4f}')} | "
                  f"{_cell(stats['val_bpb'], '{:.4f}')} | {_cell(stats['train_ce'], '{:.4f}')} | "
                  f"{versus} | {_cell(stats['s_per_step'], '{:.2f}')} |")
   return "\n".join(lines), summary

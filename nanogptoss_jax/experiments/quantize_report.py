@@ -37,7 +37,7 @@ def measure(checkpoint: str, data: DataConfig, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| model | val loss, float | val loss, MXFP4 experts | Δ loss | bits/byte, float → MXFP4 "
+  lines = ["| model | val loss, float | val loss, MXFP4 | Δ loss | bits/byte, float → MXFP4 "
            "| expert bytes, float → MXFP4 |", "|---|---:|---:|---:|---:|---:|"]
   for row in rows:
     f, q = row["float"], row["mxfp4"]
