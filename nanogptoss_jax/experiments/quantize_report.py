@@ -4,16 +4,18 @@
   python -m nanogptoss_jax.experiments.quantize_report --checkpoint RUN [--checkpoint RUN ...]
       --data DIR --out DIR [--split validation] [--windows 200] [--context-len 256]
 
-Each model is scored on the same fixed windows that training's validation uses (the same split,
-count and length give the same number as the run's last `val_loss`), once as trained and once with
-its experts quantized; everything else (attention, router, embeddings, expert biases) keeps its
+Each model is scored on the fixed windows that training's validation uses (the same split, length
+and count, the count rounded down to whole batches as training's evaluation does, give the run's
+last `val_loss`), once as trained and once with its experts quantized; everything else (attention, router, embeddings, expert biases) keeps its
 float weights, as in the published gpt-oss checkpoints.
 """
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
+from nanogptoss_jax import cli
 from nanogptoss_jax.data.config import DataConfig
 from nanogptoss_jax.evaluation.loading import load_model
 from nanogptoss_jax.evaluation.text import score_text, text_windows
@@ -27,6 +29,8 @@ def measure(checkpoint: str, data: DataConfig, args) -> dict:
   model, tokenizer = load_model(checkpoint)
   windows, weights, bytes_per_token = text_windows(tokenizer, data, args.split, args.context_len,
                                                    args.windows)
+  whole = len(windows) // args.batch_size * args.batch_size  # training evaluates whole batches
+  windows, weights = windows[:whole], weights[:whole]
   before = score_text(model, windows, weights, bytes_per_token, batch_size=args.batch_size)
   quantized = quantize(model, experts="mxfp4")
   after = score_text(quantized, windows, weights, bytes_per_token, batch_size=args.batch_size)
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--cache-dir", default=".cache/nanogptoss")
   args = parser.parse_args(argv)
+  cli.setup_logging(absl_level=logging.ERROR)  # orbax's notes on read-only directories
   data = DataConfig(path=args.data, cache_dir=args.cache_dir)
   rows = [measure(checkpoint, data, args) for checkpoint in args.checkpoint]
   out = Path(args.out)
