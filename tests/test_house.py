@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "nanogptoss_jax"
 # Bottom first: a module may import from its own layer and from the layers below it.
 LAYERS = [
-    {"errors", "o200k", "cpu_malloc"},
+    {"errors", "o200k", "cpu_malloc", "progress"},
     {"kernels"},
     {"model"},
     {"parallel"},

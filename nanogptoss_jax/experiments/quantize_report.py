@@ -15,7 +15,6 @@ import json
 import logging
 from pathlib import Path
 
-from nanogptoss_jax import cli
 from nanogptoss_jax.data.config import DataConfig
 from nanogptoss_jax.evaluation.loading import load_model
 from nanogptoss_jax.evaluation.text import score_text, text_windows
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--cache-dir", default=".cache/nanogptoss")
   args = parser.parse_args(argv)
-  cli.setup_logging(absl_level=logging.ERROR)  # orbax's notes on read-only directories
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only directories
   data = DataConfig(path=args.data, cache_dir=args.cache_dir)
   rows = [measure(checkpoint, data, args) for checkpoint in args.checkpoint]
   out = Path(args.out)
