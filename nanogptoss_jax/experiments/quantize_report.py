@@ -6,8 +6,9 @@
 
 Each model is scored on the fixed windows that training's validation uses (the same split, length
 and count, the count rounded down to whole batches as training's evaluation does, give the run's
-last `val_loss`), once as trained and once with its experts quantized; everything else (attention, router, embeddings, expert biases) keeps its
-float weights, as in the published gpt-oss checkpoints.
+last `val_loss`), once as trained and once with its experts quantized; everything else
+(attention, router, embeddings, expert biases) keeps its float weights, as in the published
+gpt-oss checkpoints.
 """
 
 import argparse
