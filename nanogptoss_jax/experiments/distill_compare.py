@@ -76,8 +76,7 @@ def run_dir(arm: str, seed: int, args) -> Path:
   if arm == "scratch":
     return Path(args.runs) / f"{arm}-s{seed}"
   alpha, tau = kd_setting(arm, args)
-  kd = f"-a{alpha:g}-t{tau:g}"
-  return Path(args.runs) / f"{arm}{kd}-s{seed}"
+  return Path(args.runs) / f"{arm}-a{alpha:g}-t{tau:g}-s{seed}"
 
 
 def arm_label(arm: str, args) -> str:
