@@ -6,29 +6,79 @@ update, the adapters and moments donated; batch 1 x 2,048 tokens, with the execu
 of configs/finetune_20b_lora.py (scanned layers, remat per block, chunked loss, experts a block
 at a time). QLoRA keeps the experts as published (MXFP4 blocks + scales, decoded in the step); the
 comparison row stores them dequantized to bf16. Memory = arguments + outputs - donated aliases
-+ temporaries. Compiled for this machine's backend (a CPU here: its buffer assignment, not a
-GPU's; run it on a GPU for that GPU's figure).
++ temporaries.
 
-  python benchmarks/finetune_memory.py [--models 20b,120b] [--formats mxfp4,float] [--length 2048]
+`--target h100` compiles for an NVIDIA H100 without one: XLA:GPU's own buffer assignment,
+through JAX's CUDA plugin and a description of the device (benchmarks/targets/h100_sxm.txtpb),
+as JAX's deviceless ahead-of-time compilation does. The plugin is not a dependency; put it
+beside the project once (the script prints the command if it is missing):
+
+  pip install --target .cache/aot-cuda --no-deps jax-cuda12-plugin==<jax> jax-cuda12-pjrt==<jax>
+
+`--target host` compiles for the backend this process runs on (a CPU: its buffer assignment
+keeps float32 copies of bf16 weights that a GPU does not make).
+
+  python benchmarks/finetune_memory.py [--target h100|host] [--models 20b,120b]
+      [--formats mxfp4,float] [--length 2048] [--expert-layers all|recipe|7,15,23]
 """
 
 import argparse
+import importlib.util
+import os
 import pathlib
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import optax
-from flax import nnx
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CUDA_PLUGIN_DIR = ROOT / ".cache" / "aot-cuda"
+TARGETS = {"h100": ROOT / "benchmarks" / "targets" / "h100_sxm.txtpb"}
 
-from nanogptoss_jax.model.config import GptOssConfig
-from nanogptoss_jax.model.execution import ExecutionConfig
-from nanogptoss_jax.model.gptoss import GptOss
-from nanogptoss_jax.model.lora import LoraConfig, add_lora, lora_filter
-from nanogptoss_jax.training.config_files import load_config_file
-from nanogptoss_jax.training.losses import token_losses
 
-FINETUNE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune_20b_lora.py"
+def _prepare_target(target: str) -> None:
+  """Before JAX starts: the CUDA plugin importable, JAX itself running on the CPU."""
+  if target == "host":
+    return
+  if CUDA_PLUGIN_DIR.is_dir():
+    sys.path.insert(0, str(CUDA_PLUGIN_DIR))
+  if importlib.util.find_spec("jax_plugins") is None or \
+      importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    from importlib.metadata import version
+    jax_version = version("jax")
+    sys.exit(f"--target {target} needs JAX's CUDA plugin: pip install --target {CUDA_PLUGIN_DIR} "
+             f"--no-deps jax-cuda12-plugin=={jax_version} jax-cuda12-pjrt=={jax_version}")
+  os.environ["JAX_PLATFORMS"] = "cpu"  # no GPU here: the plugin only compiles
+
+
+def _arguments() -> argparse.Namespace:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--target", default="h100", choices=["host", *TARGETS])
+  parser.add_argument("--models", default="20b,120b")
+  parser.add_argument("--formats", default="mxfp4,float")
+  parser.add_argument("--length", type=int, default=2048)
+  parser.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
+  parser.add_argument("--moe-impl", default="",
+                      help="the fine-tune config's unless given: sorted, looped, ragged, dense")
+  return parser.parse_args()
+
+
+ARGS = _arguments()  # parsed before JAX is imported: the target decides how JAX starts
+_prepare_target(ARGS.target)
+
+import jax  # noqa: E402 (after the target's plugin is on the path)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from nanogptoss_jax.model.config import GptOssConfig  # noqa: E402
+from nanogptoss_jax.model.execution import ExecutionConfig  # noqa: E402
+from nanogptoss_jax.model.gptoss import GptOss  # noqa: E402
+from nanogptoss_jax.model.lora import LoraConfig, add_lora, lora_filter  # noqa: E402
+from nanogptoss_jax.training.config_files import load_config_file  # noqa: E402
+from nanogptoss_jax.training.losses import token_losses  # noqa: E402
+
+FINETUNE_CONFIG = ROOT / "configs" / "finetune_20b_lora.py"
 
 # The published shapes (their config.json): 120b is GptOssConfig's default.
 SHAPES = {"20b": GptOssConfig(num_hidden_layers=24, num_experts=32), "120b": GptOssConfig()}
@@ -36,8 +86,17 @@ LORA = LoraConfig(rank=8, alpha=16.0)  # OpenAI's TRL recipe
 GB = 1e9
 
 
+def target_device(target: str):
+  """The device to compile for: this process's first, or a compile-only H100."""
+  if target == "host":
+    return jax.devices()[0]
+  topology = topologies.get_topology_desc(target, "cuda", target_config=TARGETS[target].read_text(),
+                                          topology="1x1x1")
+  return topology.devices[0]
+
+
 def step_memory(cfg: GptOssConfig, execution: ExecutionConfig, lora: LoraConfig, batch: int,
-                length: int) -> dict[str, float]:
+                length: int, device) -> dict[str, float]:
   """GB of the frozen weights, the adapters + moments, XLA's temporaries, and the total."""
   model = nnx.eval_shape(lambda: add_lora(GptOss(cfg, execution=execution, rngs=nnx.Rngs(0)),
                                           lora))
@@ -52,9 +111,14 @@ def step_memory(cfg: GptOssConfig, execution: ExecutionConfig, lora: LoraConfig,
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value
 
-  tokens = jax.ShapeDtypeStruct((batch, length + 1), jnp.int32)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, frozen,
-                                                        tokens).compile()
+  # Every array on the one target device: the program is lowered and compiled for its platform.
+  placed = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ("one",)),
+                                      jax.sharding.PartitionSpec())
+  place = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), tree)
+  tokens = jax.ShapeDtypeStruct((batch, length + 1), jnp.int32, sharding=placed)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      place(params), place(opt_state), place(frozen), tokens).compile()
   analysis = compiled.memory_analysis()
   size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
@@ -63,16 +127,12 @@ def step_memory(cfg: GptOssConfig, execution: ExecutionConfig, lora: LoraConfig,
           "temp": analysis.temp_size_in_bytes / GB, "total": total / GB}
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--models", default="20b,120b")
-  parser.add_argument("--formats", default="mxfp4,float")
-  parser.add_argument("--length", type=int, default=2048)
-  parser.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
-  parser.add_argument("--moe-impl", default="",
-                      help="the fine-tune config's unless given: sorted, looped, ragged, dense")
-  args = parser.parse_args()
+def main(args: argparse.Namespace):
+  device = target_device(args.target)
+  print(f"compiled for: {device.device_kind}", flush=True)
   shipped = load_config_file(FINETUNE_CONFIG).execution
+  # `auto` choices (attention, loss, MoE kernels) for the platform compiled for.
+  shipped = shipped.replace(platform="cpu" if args.target == "host" else "gpu")
   if args.moe_impl:
     shipped = shipped.replace(moe_impl=args.moe_impl)
   qlora = {}
@@ -81,7 +141,7 @@ def main():
       start = time.perf_counter()
       execution = shipped.replace(expert_format=experts)
       cfg = SHAPES[name].replace(num_hidden_layers=args.layers or SHAPES[name].num_hidden_layers)
-      memory = step_memory(cfg, execution, LORA, 1, args.length)
+      memory = step_memory(cfg, execution, LORA, 1, args.length, device)
       label = "QLoRA (MXFP4 experts)" if experts == "mxfp4" else "LoRA (bf16 experts)"
       print(f"{name:5s} {label:22s} " + " ".join(f"{k} {v:6.2f} GB" for k, v in memory.items())
             + f"  compile {time.perf_counter() - start:5.1f} s", flush=True)
@@ -92,4 +152,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(ARGS)

@@ -48,7 +48,7 @@ part expert_parallel_capacity 25 $PY benchmarks/expert_parallel_step.py --tokens
 # LoRA (issue 24): the adapters' step beside the full step above, and one QLoRA step's device
 # memory at gpt-oss-20b (abstract weights; this GPU's buffer assignment, not the CPU's).
 part train_medium_lora 45 $PY benchmarks/bench_train.py --configs medium --steps 3 --lora-rank 8
-part finetune_memory_20b 60 $PY benchmarks/finetune_memory.py --models 20b --formats mxfp4
+part finetune_memory_20b 60 $PY benchmarks/finetune_memory.py --target host --models 20b --formats mxfp4
 # Batch-1 decode at gpt-oss-20b widths (2 layers), MXFP4 kept vs dequantized to bf16.
 part decode_20b_keep 45 $PY benchmarks/pretrained_decode.py --layers 2 --new-tokens 64
 if [ -f benchmarks/mxfp4_moe.py ]; then
