@@ -106,7 +106,7 @@ def step_memory(cfg: GptOssConfig, execution: ExecutionConfig, lora: LoraConfig,
 
   def step(params, opt_state, frozen, tokens):
     def loss(params):
-      return token_losses(nnx.merge(graphdef, params, frozen), tokens)[0].mean()
+      return token_losses(nnx.merge(graphdef, params, frozen, copy=True), tokens)[0].mean()
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value

@@ -45,21 +45,27 @@ def _grads(model, tokens):
 
   def loss(adapter_state, table):
     flat = [(p, v.replace(table) if p == embedding else v) for p, v in nnx.to_flat_state(rest)]
-    logits = nnx.merge(graphdef, adapter_state, nnx.from_flat_state(flat))(tokens)
+    # copy=True, as the training step: nnx.remat inside this trace cannot write back to
+    # Variables made outside it.
+    logits = nnx.merge(graphdef, adapter_state, nnx.from_flat_state(flat), copy=True)(tokens)
     return jnp.sum(logits * cotangent)
 
   value, (adapter_grads, table_grad) = jax.jit(jax.value_and_grad(loss, (0, 1)))(adapters, table)
   return value, dict(nnx.to_flat_state(adapter_grads)), table_grad
 
 
-@pytest.mark.parametrize("layers_impl,moe_impl,shape", [
-    ("loop", "sorted", (2, 9)),  # a prefill: every expert decoded once
-    ("loop", "sorted", (1, 1)),  # a decode step: only the blocks' experts decoded
-    ("scan", "looped", (2, 9)),  # one block's expert decoded at a time
-    ("scan", "dense", (2, 9))])
-def test_qlora_equals_lora_over_the_dequantized_base(layers_impl, moe_impl, shape):
+@pytest.mark.parametrize("layers_impl,moe_impl,shape,remat", [
+    ("loop", "sorted", (2, 9), "none"),  # a prefill: every expert decoded once
+    ("loop", "sorted", (1, 1), "none"),  # a decode step: only the blocks' experts decoded
+    ("scan", "looped", (2, 9), "none"),  # one block's expert decoded at a time
+    ("scan", "looped", (2, 9), "block"),  # as configs/finetune_20b_lora.py runs
+    ("scan", "dense", (2, 9), "none")])
+def test_qlora_equals_lora_over_the_dequantized_base(layers_impl, moe_impl, shape, remat):
   tokens = jax.random.randint(jax.random.key(5), shape, 0, CFG.vocab_size)
-  qlora = quantize(base_model(layers_impl, moe_impl))
+  # Looped over scanned pairs: two pairs and a last layer, so a pair that read another pair's
+  # experts from the whole MXFP4 stacks shows.
+  cfg = CFG.replace(num_hidden_layers=5) if moe_impl == "looped" else CFG
+  qlora = quantize(base_model(layers_impl, moe_impl, cfg=cfg, remat=remat))
   assert qlora.execution.expert_format == "mxfp4"
   add_lora(qlora, LORA, seed=1)
   randomize(qlora, lambda path, _: path[-1] == "lora_b", 3, 0.2)

@@ -35,11 +35,12 @@ def expert_mode(mesh, groups: int, num_experts: int) -> tuple[str, tuple[str, ..
   return None
 
 
-def parallel_experts(mode, moe: nnx.Module, t, top_experts, top_weights, options: dict):
+def parallel_experts(mode, moe: nnx.Module, t, top_experts, top_weights, options: dict,
+                     layer=None):
   """The MoE's expert outputs [P, M, D] float32 (and dropped assignments [P], or None) for
-  tokens t [P, M, D] routed to top_experts / top_weights [P, M, C]."""
+  tokens t [P, M, D] routed to top_experts / top_weights [P, M, C]; `layer` as MoE's."""
   kind, axes = mode
-  weights = moe.expert_weights("dense", t.shape[1])  # float matrices, split on E as stored
+  weights = moe.expert_weights("dense", t.shape[1], layer)  # float matrices, split on E as stored
   compute = dict(activation=options["activation"],
                  matmul=options.get("matmul", jax.numpy.matmul))
   if kind == EXCHANGE:

@@ -34,7 +34,7 @@ class Block(nnx.Module):
                moe_groups=1):
     attn_out, cache = self.attn(x, positions, rope, cache, layer, in_order=in_order)
     x = x + attn_out
-    mlp_out, stats = self.mlp(x, groups=moe_groups)
+    mlp_out, stats = self.mlp(x, groups=moe_groups, layer=layer)
     return x + mlp_out, cache, stats
 
 

@@ -11,7 +11,9 @@ An odd last layer (sliding) stays apart (`blocks.last.…`). The windows come fr
 A cached forward (prefill, decode) scans too: the KV caches are stacks per kind of layer
 (`kv_cache.StackedCache`), carried through the scan, each layer's new keys scattered into its
 entry in place, so neither weights nor caches are copied per layer by Python-side slicing and
-compile time stays flat in depth.
+compile time stays flat in depth. MXFP4 expert blocks and scales are not sliced per layer at
+all: they reach each pair whole, with its index, and the MoE reads one expert of one layer at a
+time from them (`mxfp4.Mxfp4Experts.layer`).
 
 Both layouts hold the same numbers, so any state tree converts between them (`to_layout`):
 parameters, optimiser moments, abstract shapes for restoring checkpoints.
@@ -29,6 +31,8 @@ from nanogptoss_jax.model.kv_cache import StackedCache
 
 LOOP, SCAN = "loop", "scan"
 BLOCKS, PAIRS, LAST, SLIDING, FULL = "blocks", "pairs", "last", "sliding", "full"
+# Stacks the scan passes to every pair whole instead of slicing (frozen uint8 expert storage).
+WHOLE = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales")
 
 
 def check_pairs(windows: list[int | None]) -> None:
@@ -72,11 +76,13 @@ class ScannedBlocks(nnx.Module):
     if cache is not None:
       sliding, full, last = cache.sliding, cache.full, cache.last
     if self.pairs is not None:
-      graphdef, state = nnx.split(self.pairs)
+      graphdef, whole, state = nnx.split(self.pairs, lambda path, _: path[-1] in WHOLE, ...)
 
       def body(carry, pair_state):
         x, sliding, full, pair_index = carry
-        pair = nnx.merge(graphdef, pair_state)
+        # copy=True: `whole`'s Variables belong to the trace outside the scan, where nnx.remat
+        # inside it could not write them back.
+        pair = nnx.merge(graphdef, whole, pair_state, copy=True)
         x, sliding, sliding_stats = run(pair.sliding, x, sliding, pair_index)
         x, full, full_stats = run(pair.full, x, full, pair_index)
         return (x, sliding, full, pair_index + 1), (sliding_stats, full_stats)

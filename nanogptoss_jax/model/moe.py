@@ -102,12 +102,13 @@ class MoE(nnx.Module):
                                **axes.names(axes.EXPERTS, axes.EMBED))
     self.dtype = execution.compute_dtype
 
-  def __call__(self, x: jax.Array, *, groups: int = 1, impl: str | None = None
-               ) -> tuple[jax.Array, dict]:
+  def __call__(self, x: jax.Array, *, groups: int = 1, impl: str | None = None,
+               layer: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """x [B, T, D] -> (MLP output [B, T, D], router statistics for the auxiliary losses).
 
     Tokens reach experts within `groups` equal slices of the batch: with the batch split over
-    P devices, P groups let each device sort and multiply its own tokens.
+    P devices, P groups let each device sort and multiply its own tokens. `layer`: the scanned
+    pair this block runs, which MXFP4 stacks that reach it whole are read at (`expert_weights`).
     """
     batch, length, hidden = x.shape
     if batch % groups:
@@ -134,9 +135,9 @@ class MoE(nnx.Module):
                           "expert or tensor mesh axis yet: set execution.expert=1 and "
                           "execution.tensor=1, or leave mlp1 and mlp2 out of lora.targets")
       out, dropped = parallel_experts(mode, self, t.astype(self.dtype), top_experts,
-                                      top_weights, options)
+                                      top_weights, options, layer)
     else:
-      weights = self.expert_weights(impl, t.shape[1])
+      weights = self.expert_weights(impl, t.shape[1], layer)
       weight_axis = None
       if impl == "ragged":
         # ragged_dot's batching rule wants every operand batched along axis 0.
@@ -151,19 +152,25 @@ class MoE(nnx.Module):
       stats["expert_dropped"] = dropped.sum() / top_experts.size  # fraction of assignments
     return out.reshape(batch, length, hidden).astype(x.dtype), stats
 
-  def expert_weights(self, impl: str, tokens: int) -> tuple:
+  def expert_weights(self, impl: str, tokens: int, layer: jax.Array | None = None) -> tuple:
     """(w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D]) in the compute dtype.
 
     MXFP4 matrices come as `Mxfp4Experts`, which the sorted dispatch indexes by the experts its
     blocks select, so a decode step decodes only those, and the looped one by its current
-    block's expert; elsewhere every expert is decoded once.
+    block's expert; elsewhere every expert is decoded once. In the scan layout the blocks and
+    scales arrive as the stacks of every pair ([L/2, E, ...], model/layer_stack.py), read at
+    `layer` expert by expert.
     """
     b1, b2 = self.mlp1_bias[...].astype(self.dtype), self.mlp2_bias[...].astype(self.dtype)
     if self.execution.expert_format != "mxfp4":
       return (self.mlp1_weight[...].astype(self.dtype), b1,
               self.mlp2_weight[...].astype(self.dtype), b2)
     decode = choices.mxfp4_decode(self.execution.mxfp4_impl)
-    w1, w2 = (mxfp4.Mxfp4Experts(blocks[...], scales[...], decode, self.dtype) for blocks, scales
+    stacked = self.mlp1_blocks[...].ndim == 5
+    if stacked and layer is None:
+      raise ValueError("MoE: stacked MXFP4 experts need the layer to read")
+    w1, w2 = (mxfp4.Mxfp4Experts(blocks[...], scales[...], decode, self.dtype,
+                                 layer if stacked else None) for blocks, scales
               in ((self.mlp1_blocks, self.mlp1_scales), (self.mlp2_blocks, self.mlp2_scales)))
     if impl == "looped":
       return w1, b1, w2, b2

@@ -95,22 +95,28 @@ class Mxfp4Experts:
   """A stack of expert matrices [E, in, out] held as MXFP4 ([E, out, in/32, 16] + scales).
 
   Indexing with expert ids decodes those experts only: `w[e]` -> [len(e), in, out] in dtype.
+  With `layer`, blocks and scales are the stacks of every scanned layer ([L/2, E, ...]) and
+  `w[e]` reads layer `layer`'s experts straight from them: no copy of a whole layer's blocks
+  is made on the way (a gigabyte per layer at gpt-oss-120b widths).
   """
 
   blocks: jax.Array
   scales: jax.Array
   decode: Callable = dataclasses.field(metadata=dict(static=True))
   dtype: object = dataclasses.field(metadata=dict(static=True))
+  layer: jax.Array | None = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
-    experts, out, groups, _ = self.blocks.shape
+    experts, out, groups, _ = self.blocks.shape[-4:]
     return experts, groups * VALUES_PER_BLOCK, out
 
   def __getitem__(self, experts) -> jax.Array:
+    index = experts if self.layer is None else (self.layer, experts)
     # Decoded [.., out, in]; the swap is folded into the following dot by XLA.
-    return jnp.swapaxes(self.decode(self.blocks[experts], self.scales[experts], self.dtype), -1, -2)
+    return jnp.swapaxes(self.decode(self.blocks[index], self.scales[index], self.dtype), -1, -2)
 
   def dequantize(self) -> jax.Array:
     """Every expert, [E, in, out]."""
-    return jnp.swapaxes(self.decode(self.blocks, self.scales, self.dtype), -1, -2)
+    index = slice(None) if self.layer is None else self.layer
+    return jnp.swapaxes(self.decode(self.blocks[index], self.scales[index], self.dtype), -1, -2)
