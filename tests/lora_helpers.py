@@ -14,6 +14,10 @@ from tests.factories import tiny_config
 CFG = tiny_config(num_hidden_layers=3, vocab_size=64, intermediate_size=32, head_dim=8,
                   sliding_window=4)
 LORA = LoraConfig(rank=4, alpha=8.0)
+# Five layers: two scanned pairs and a last block; the experts of a full layer (1), a sliding one
+# (2) and the last (4) adapted, the others not, so a pair handed another's adapters shows.
+FIVE = CFG.replace(num_hidden_layers=5)
+SOME = LoraConfig(rank=4, alpha=8.0, expert_layers=(1, 2, 4))
 
 
 def randomize(model, filter_, seed: int, std: float) -> None:
@@ -32,9 +36,9 @@ def base_model(layers_impl="loop", moe_impl="dense", seed=0, cfg=CFG, **executio
   return model
 
 
-def lora_model(layers_impl="loop", moe_impl="dense", lora=LORA, **execution):
+def lora_model(layers_impl="loop", moe_impl="dense", lora=LORA, cfg=CFG, **execution):
   """A base with adapters whose B (zero at init) is random, so the update is not zero."""
-  model = add_lora(base_model(layers_impl, moe_impl, **execution), lora, seed=1)
+  model = add_lora(base_model(layers_impl, moe_impl, cfg=cfg, **execution), lora, seed=1)
   randomize(model, lambda path, _: path[-1] == "lora_b", 3, 0.2)
   return model
 

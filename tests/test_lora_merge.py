@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nanogptoss_jax.model import layer_stack
 from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.lora import add_lora, has_lora
 from nanogptoss_jax.model.lora_merge import merge_cost, merge_lora
 from nanogptoss_jax.model.quantize import quantize
-from tests.lora_helpers import CFG, LORA, base_model, dense_weights, lora_model, randomize
+from tests.lora_helpers import (CFG, FIVE, LORA, SOME, base_model, dense_weights, lora_model,
+                                randomize)
 from test_qlora import dequantized
 from tests.factories import relative_error
 
@@ -56,3 +58,27 @@ def test_a_merge_onto_mxfp4_requantizes_the_dense_update():
   assert 0 < cost["max_abs_logit_diff"] < 1 and 0 <= cost["mean_kl"] < 1e-2
   with pytest.raises(ConfigError, match="no LoRA adapters"):
     merge_lora(merged)
+
+
+@pytest.mark.parametrize("experts", ["float", "mxfp4"])
+def test_some_layers_experts_merge_alike_in_both_layouts(experts):
+  """The scan layout holds the adapters of some layers' experts beside the stacks; merging adds
+  each into its own layer's entry of the stacks, as the loop layout adds it to its block."""
+  def base(layers_impl):
+    model = base_model(layers_impl, "sorted", cfg=FIVE)
+    return quantize(model) if experts == "mxfp4" else model
+
+  loop = add_lora(base("loop"), SOME, seed=1)
+  randomize(loop, lambda path, _: path[-1] == "lora_b", 3, 0.2)
+  scan = add_lora(base("scan"), SOME)
+  nnx.update(scan, layer_stack.to_layout(nnx.state(loop), layer_stack.SCAN))
+  merged = merge_lora(scan)
+  assert not has_lora(merged) and merged.blocks.lora_experts is None
+  want = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(
+      layer_stack.to_layout(nnx.state(merge_lora(loop), nnx.Param), layer_stack.SCAN))}
+  got = _values(merged)
+  assert got.keys() == want.keys() == _values(base("scan")).keys()
+  for path, value in got.items():
+    np.testing.assert_allclose(value, want[path], rtol=0, atol=1e-6, err_msg=str(path))
+  if experts == "float":
+    assert relative_error(merged(TOKENS), scan(TOKENS)) < 1e-5

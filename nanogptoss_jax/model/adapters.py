@@ -43,6 +43,11 @@ class LowRank(nnx.Module):
     return (x @ a) @ b  # [..., r] in between: the rank is the bottleneck
 
 
+class ExpertAdapters(nnx.Module):
+  """One layer's expert adapters (`lora_mlp1`, `lora_mlp2`) held apart from its block: in the
+  scan layout when only some layers' experts are adapted (model/lora.py)."""
+
+
 def adapter(module: nnx.Module, target: str) -> LowRank | None:
   """`module`'s adapter for `target`, None when it has none."""
   return getattr(module, attribute(target), None)

@@ -30,11 +30,11 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, layer, execution=execution, rngs=rngs)
     self.mlp = MoE(cfg, execution=execution, rngs=rngs)
 
-  def __call__(self, x, positions, rope, cache=None, layer=None, *, in_order=False,
-               moe_groups=1):
+  def __call__(self, x, positions, rope, cache=None, layer=None, expert_lora=None, *,
+               in_order=False, moe_groups=1):
     attn_out, cache = self.attn(x, positions, rope, cache, layer, in_order=in_order)
     x = x + attn_out
-    mlp_out, stats = self.mlp(x, groups=moe_groups, layer=layer)
+    mlp_out, stats = self.mlp(x, groups=moe_groups, layer=layer, lora=expert_lora)
     return x + mlp_out, cache, stats
 
 
@@ -79,7 +79,8 @@ class GptOss(nnx.Module):
     if isinstance(self.blocks, ScannedBlocks):
       # One traced pair of layers, whatever the depth; the caches are stacks the scan carries.
       x, new_cache, stats = self.blocks(
-          x, lambda block, x, cache, layer: run(block, x, positions, rope, cache, layer), cache)
+          x, lambda block, x, cache, layer, lora: run(block, x, positions, rope, cache, layer,
+                                                      lora), cache)
     else:
       new_cache, stats = [], []
       for layer in range(self.cfg.num_hidden_layers):

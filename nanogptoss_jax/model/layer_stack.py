@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nanogptoss_jax.model import axes
@@ -31,6 +32,8 @@ from nanogptoss_jax.model.kv_cache import StackedCache
 
 LOOP, SCAN = "loop", "scan"
 BLOCKS, PAIRS, LAST, SLIDING, FULL = "blocks", "pairs", "last", "sliding", "full"
+# Expert adapters of some layers only, beside the stacks: `lora_experts.{layer}.lora_mlp1...`.
+LORA_EXPERTS = "lora_experts"
 # Stacks the scan passes to every pair whole instead of slicing (frozen uint8 expert storage).
 WHOLE = ("mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales")
 
@@ -63,15 +66,18 @@ class ScannedBlocks(nnx.Module):
     self.pairs = (nnx.merge(nnx.graphdef(pairs[0]), _stack([nnx.state(pair) for pair in pairs]))
                   if pairs else None)
     self.last = blocks[-1] if len(blocks) % 2 else None
+    # model/lora.py: {str(layer): ExpertAdapters} when some layers' experts are adapted.
+    self.lora_experts = nnx.data(None)
 
   def __len__(self) -> int:
     return self.num_layers
 
   def __call__(self, x: jax.Array, run: Callable, cache: StackedCache | None = None
                ) -> tuple[jax.Array, StackedCache | None, list]:
-    """x through every layer in order, `run(block, x, cache, layer) -> (x, cache, stats)`
-    applying one over its entry `layer` of a stacked cache (None without a cache); returns x,
-    the caches (written in place, carried through the scan) and each layer's stats."""
+    """x through every layer in order, `run(block, x, cache, layer, lora) -> (x, cache, stats)`
+    applying one over its entry `layer` of a stacked cache (None without a cache), with `lora`
+    the layer's expert adapters when they are held here (else None); returns x, the caches
+    (written in place, carried through the scan) and each layer's stats."""
     stats, sliding, full, last = [], None, None, None
     if cache is not None:
       sliding, full, last = cache.sliding, cache.full, cache.last
@@ -83,8 +89,9 @@ class ScannedBlocks(nnx.Module):
         # copy=True: `whole`'s Variables belong to the trace outside the scan, where nnx.remat
         # inside it could not write them back.
         pair = nnx.merge(graphdef, whole, pair_state, copy=True)
-        x, sliding, sliding_stats = run(pair.sliding, x, sliding, pair_index)
-        x, full, full_stats = run(pair.full, x, full, pair_index)
+        x, sliding, sliding_stats = run(pair.sliding, x, sliding, pair_index,
+                                        self._pair_lora(0, pair_index))
+        x, full, full_stats = run(pair.full, x, full, pair_index, self._pair_lora(1, pair_index))
         return (x, sliding, full, pair_index + 1), (sliding_stats, full_stats)
 
       start = (x, sliding, full, jnp.zeros((), jnp.int32))
@@ -93,9 +100,29 @@ class ScannedBlocks(nnx.Module):
         stats += [jax.tree.map(lambda s: s[p], sliding_stats),
                   jax.tree.map(lambda s: s[p], full_stats)]
     if self.last is not None:
-      x, last, last_stats = run(self.last, x, last, 0)
+      held = self.lora_experts or {}
+      x, last, last_stats = run(self.last, x, last, 0, held.get(str(self.num_layers - 1)))
       stats.append(last_stats)
     return x, None if cache is None else StackedCache(sliding, full, last), stats
+
+  def _pair_lora(self, kind: int, pair_index: jax.Array) -> nnx.Module | None:
+    """The expert adapters of layer 2 * pair_index + kind (kind 0 the sliding layer, 1 the full
+    one) from `lora_experts`: the layer's own, or zeros (adding nothing) for a layer without;
+    None when no layer of that kind has any."""
+    owners = {int(layer): owner for layer, owner in (self.lora_experts or {}).items()
+              if int(layer) % 2 == kind and int(layer) < self.num_layers // 2 * 2}
+    if not owners:
+      return None
+    layers = sorted(owners)
+    graphdef, first = nnx.split(owners[layers[0]])
+    branch = np.zeros(self.num_layers // 2, np.int32)  # pair -> 0 (none) or 1 + its owner
+    for i, layer in enumerate(layers):
+      branch[layer // 2] = i + 1
+    states = [nnx.state(owners[layer]) for layer in layers]
+    picked = jax.lax.switch(jnp.asarray(branch)[pair_index],
+                            [lambda: jax.tree.map(jnp.zeros_like, first)]
+                            + [lambda state=state: state for state in states])
+    return nnx.merge(graphdef, picked)
 
   def block(self, layer: int) -> nnx.Module:
     """Layer `layer` as a Block of its own (a view: its arrays are slices of the stacks)."""
@@ -132,10 +159,20 @@ def _unstack(tree, count: int) -> list:
           for i in range(count)]
 
 
+def _is_expert_lora(name) -> bool:
+  return isinstance(name, str) and name.startswith("lora_mlp")
+
+
 def stack_flat(flat: dict, num_layers: int) -> dict:
   """A flat loop-layout state {path: Variable} in the scan layout. Each stack is built as its
   layers leave `flat`, so loading holds one stack beyond the model, not a second model."""
   out, groups = {}, {}
+  adapted = {path[1] for path in flat if len(path) > 3 and path[0] == BLOCKS
+             and isinstance(path[1], int) and path[2] == "mlp" and _is_expert_lora(path[3])}
+  if adapted and len(adapted) < num_layers:
+    for path in [p for p in flat if p[1:2] and p[1] in adapted and p[2:3] == ("mlp",)
+                 and _is_expert_lora(p[3]) and p[0] == BLOCKS]:
+      out[(BLOCKS, LORA_EXPERTS, str(path[1]), *path[3:])] = flat.pop(path)
   for path in list(flat):
     if len(path) > 1 and path[0] == BLOCKS and isinstance(path[1], int):
       layer, rest = path[1], path[2:]
@@ -160,10 +197,24 @@ def _raw(node: Mapping) -> Mapping:
   return node.raw_mapping if isinstance(node, nnx.State) else node
 
 
+def _without_expert_lora(layer: Mapping) -> dict:
+  """A layer's node without its expert adapters (and without `mlp` if nothing else is left)."""
+  mlp = {k: v for k, v in _raw(layer["mlp"]).items() if not _is_expert_lora(k)}
+  return {**{k: v for k, v in _raw(layer).items() if k != "mlp"}, **({"mlp": mlp} if mlp else {})}
+
+
 def _blocks_to_scan(blocks: Mapping) -> dict:
   num_layers = len(blocks)
   layers = [blocks[i] for i in range(num_layers)]
   node = {}
+  # Expert adapters on some layers only cannot stack: they move beside the stacks.
+  held = {i: {k: v for k, v in _raw(layer["mlp"]).items() if _is_expert_lora(k)}
+          for i, layer in enumerate(layers) if "mlp" in layer}
+  held = {i: adapters for i, adapters in held.items() if adapters}
+  if held and len(held) < num_layers:
+    node[LORA_EXPERTS] = {str(i): adapters for i, adapters in held.items()}
+    layers = [_without_expert_lora(layer) if i in held else layer
+              for i, layer in enumerate(layers)]
   if num_layers >= 2:
     pairs = num_layers // 2 * 2
     node[PAIRS] = {SLIDING: _stack(layers[0:pairs:2]), FULL: _stack(layers[1:pairs:2])}
@@ -181,6 +232,9 @@ def _blocks_to_loop(blocks: Mapping) -> dict:
       layers += [sliding, full]
   if LAST in blocks:
     layers.append(blocks[LAST])
+  for key, adapters in _raw(blocks.get(LORA_EXPERTS, {})).items():
+    layer = _raw(layers[int(key)])
+    layers[int(key)] = {**layer, "mlp": {**_raw(layer.get("mlp", {})), **_raw(adapters)}}
   return dict(enumerate(layers))
 
 

@@ -5,6 +5,12 @@ MoE `lora_mlp1`, `lora_mlp2`), stacked like the block's own weights in the scan 
 blocks add x·A·B to the matmuls they adapt, the experts' inside the dispatch for the selected
 experts only. `merge_lora` folds the updates into the weights and drops the adapters.
 
+The experts of only some layers may be adapted (`expert_layers`, as OpenAI's recipe adapts
+layers 7, 15 and 23 of gpt-oss-20b). In the loop layout those blocks alone hold expert adapters;
+in the scan layout, where every pair of a stack must hold the same parameters, they sit beside
+the stacks in `blocks.lora_experts.{layer}` and the scan hands each pair its own
+(`layer_stack.ScannedBlocks`).
+
 Why our own and not `flax.nnx.LoRA` or qwix: nnx.LoRA wraps one `nnx.Linear` (no expert axis,
 no slices of a fused qkv), and qwix intercepts `dot_general`/`einsum` calls of modules, which
 cannot see an expert's parameters inside the sorted/ragged dispatch (gathers of weight blocks,
@@ -35,9 +41,20 @@ class LoraConfig:
   alpha: float = 16.0
   targets: tuple[str, ...] = TARGETS
   dropout: float = 0.0
+  # The layers whose experts (mlp1, mlp2 targets) are adapted; () adapts every layer's.
+  expert_layers: tuple[int, ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
+    object.__setattr__(self, "expert_layers", tuple(self.expert_layers))
+    layers = self.expert_layers
+    if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers) or \
+        list(layers) != sorted(set(layers)):
+      raise ConfigError(f"lora.expert_layers must be increasing layer numbers >= 0 (got "
+                        f"{layers!r})")
+    if layers and not set(self.targets) & set(adapters.EXPERT_TARGETS):
+      raise ConfigError(f"lora.expert_layers={layers!r} picks layers for expert adapters, but "
+                        f"lora.targets {self.targets!r} has neither mlp1 nor mlp2")
     if not (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0):
       raise ConfigError(f"lora.rank must be a positive integer (got {self.rank!r})")
     if not self.alpha > 0:
@@ -54,18 +71,29 @@ class LoraConfig:
   def scale(self) -> float:
     return self.alpha / self.rank
 
+  def adapts_experts(self, layer: int, num_layers: int) -> bool:
+    """Whether layer `layer` of a `num_layers`-layer model gets expert adapters."""
+    return (bool(set(self.targets) & set(adapters.EXPERT_TARGETS))
+            and (not self.expert_layers or layer in self.expert_layers))
 
-def _block_groups(model: GptOss) -> list[tuple[nnx.Module, int | None]]:
-  """(block, stack size or None) for every block object: loop blocks, or scanned stacks."""
+  def some_experts(self, num_layers: int) -> tuple[int, ...] | None:
+    """The adapted expert layers when they are some but not all of the model's, else None."""
+    layers = [layer for layer in range(num_layers) if self.adapts_experts(layer, num_layers)]
+    return tuple(layers) if layers and len(layers) < num_layers else None
+
+
+def _block_groups(model: GptOss) -> list[tuple[nnx.Module, int | None, int | None]]:
+  """(block, stack size or None, layer or None) for every block object: loop blocks (with
+  their layer), or scanned stacks (the odd last block with its layer)."""
   if isinstance(model.blocks, ScannedBlocks):
     groups = []
     if model.blocks.pairs is not None:
       count = model.cfg.num_hidden_layers // 2
-      groups += [(model.blocks.pairs.sliding, count), (model.blocks.pairs.full, count)]
+      groups += [(model.blocks.pairs.sliding, count, None), (model.blocks.pairs.full, count, None)]
     if model.blocks.last is not None:
-      groups.append((model.blocks.last, None))
+      groups.append((model.blocks.last, None, model.cfg.num_hidden_layers - 1))
     return groups
-  return [(block, None) for block in model.blocks]
+  return [(block, None, layer) for layer, block in enumerate(model.blocks)]
 
 
 def _shapes(cfg) -> dict:
@@ -84,20 +112,42 @@ def add_lora(model: GptOss, lora: LoraConfig, *, seed: int = 0) -> GptOss:
   if not isinstance(model, GptOss):
     raise ConfigError(f"add_lora needs a GPT-OSS model, got {type(model).__name__}")
   if has_lora(model):
-    raise ConfigError("add_lora: the model has adapters already (merge_lora folds them in)")
+    raise ConfigError("add_lora: the model has adapters already (merge_lora first)")
+  num_layers = model.cfg.num_hidden_layers
+  beyond = [layer for layer in lora.expert_layers if layer >= num_layers]
+  if beyond:
+    raise ConfigError(f"lora.expert_layers {beyond} are beyond this model's {num_layers} layers")
   model.lora_config = lora  # static: what save_adapter writes and merge_lora checks
   rngs = nnx.Rngs(seed)
-  dtype = jnp.float32  # adapters train in float32 whatever the base stores (as PEFT autocasts)
   shapes = _shapes(model.cfg)
-  for block, count in _block_groups(model):
+
+  def low_rank(target: str, count: int | None) -> adapters.LowRank:
+    expert_axis, fan_in, fan_out, logical = shapes[target]
+    lead = ((count,) if count else ()) + ((model.cfg.num_experts,) if expert_axis else ())
+    lead_axes = ((axes.LAYERS,) if count else ()) + ((axes.EXPERTS,) if expert_axis else ())
+    # Adapters train in float32 whatever the base stores (as PEFT autocasts).
+    return adapters.LowRank(fan_in, fan_out, rank=lora.rank, scale=lora.scale,
+                            logical_axes=logical, lead=lead, lead_axes=lead_axes,
+                            param_dtype=jnp.float32, rngs=rngs)
+
+  some = lora.some_experts(num_layers)
+  scanned = isinstance(model.blocks, ScannedBlocks)
+  for block, count, layer in _block_groups(model):
     for target in lora.targets:
-      expert_axis, fan_in, fan_out, logical = shapes[target]
-      lead = ((count,) if count else ()) + ((model.cfg.num_experts,) if expert_axis else ())
-      lead_axes = ((axes.LAYERS,) if count else ()) + ((axes.EXPERTS,) if expert_axis else ())
-      owner = block.mlp if expert_axis else block.attn
-      setattr(owner, adapters.attribute(target), adapters.LowRank(
-          fan_in, fan_out, rank=lora.rank, scale=lora.scale, logical_axes=logical, lead=lead,
-          lead_axes=lead_axes, param_dtype=dtype, rngs=rngs))
+      is_expert = target in adapters.EXPERT_TARGETS
+      if is_expert and (some if scanned else not lora.adapts_experts(layer, num_layers)):
+        continue  # scanned: beside the stacks (below); loop: only the chosen layers
+      setattr(block.mlp if is_expert else block.attn, adapters.attribute(target),
+              low_rank(target, count))
+  if scanned and some:
+    experts = {}
+    for layer in some:
+      owner = adapters.ExpertAdapters()
+      for target in lora.targets:
+        if target in adapters.EXPERT_TARGETS:
+          setattr(owner, adapters.attribute(target), low_rank(target, None))
+      experts[str(layer)] = owner
+    model.blocks.lora_experts = nnx.Dict(experts)
   return model
 
 

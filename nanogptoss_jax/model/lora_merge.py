@@ -12,6 +12,7 @@ from flax import nnx
 from nanogptoss_jax.model import adapters, mxfp4
 from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.gptoss import GptOss
+from nanogptoss_jax.model.layer_stack import LORA_EXPERTS, ScannedBlocks
 from nanogptoss_jax.model.lora import _block_groups, has_lora
 from nanogptoss_jax.model.quantize import quantization_error
 
@@ -23,19 +24,35 @@ def _delta(low_rank: adapters.LowRank) -> jax.Array:
                                      precision=jax.lax.Precision.HIGHEST)
 
 
-def _add(param: nnx.Param, delta: jax.Array, columns: slice = slice(None)) -> None:
-  value = param[...]
-  param.set_value(value.at[..., columns].add(delta).astype(value.dtype)
-                  if columns != slice(None) else (value.astype(jnp.float32) + delta)
-                  .astype(value.dtype))
+def _add(param: nnx.Param, delta: jax.Array, columns: slice = slice(None),
+         at: int | None = None) -> None:
+  """param += delta, on `columns` of its last axis, at entry `at` of its leading axis if given."""
+  whole = param[...]
+  value = whole if at is None else whole[at]
+  if columns != slice(None):
+    value = value.at[..., columns].add(delta).astype(value.dtype)
+  else:
+    value = (value.astype(jnp.float32) + delta).astype(value.dtype)
+  param.set_value(value if at is None else whole.at[at].set(value))
 
 
-def _add_mxfp4(blocks: nnx.Param, scales: nnx.Param, delta: jax.Array) -> None:
-  """Blocks and scales of [.., E, out, in] re-quantized after adding delta [.., E, in, out]."""
-  weight = mxfp4.decode(blocks[...], scales[...], jnp.float32)  # [.., E, out, in]
+def _add_mxfp4(blocks: nnx.Param, scales: nnx.Param, delta: jax.Array,
+               at: int | None = None) -> None:
+  """Blocks and scales of [.., E, out, in] re-quantized after adding delta [.., E, in, out] (at
+  entry `at` of their leading axis if given)."""
+  pick = (lambda x: x) if at is None else (lambda x: x[at])
+  weight = mxfp4.decode(pick(blocks[...]), pick(scales[...]), jnp.float32)  # [.., E, out, in]
   new_blocks, new_scales = mxfp4.quantize(weight + jnp.swapaxes(delta, -1, -2))
-  blocks.set_value(new_blocks)
-  scales.set_value(new_scales)
+  for param, new in ((blocks, new_blocks), (scales, new_scales)):
+    param.set_value(new if at is None else param[...].at[at].set(new))
+
+
+def _add_expert(model: GptOss, mlp: nnx.Module, target: str, delta: jax.Array,
+                at: int | None = None) -> None:
+  if model.execution.expert_format == "mxfp4":
+    _add_mxfp4(getattr(mlp, f"{target}_blocks"), getattr(mlp, f"{target}_scales"), delta, at)
+  else:
+    _add(getattr(mlp, f"{target}_weight"), delta, at=at)
 
 
 def merge_lora(model: GptOss) -> GptOss:
@@ -46,7 +63,7 @@ def merge_lora(model: GptOss) -> GptOss:
   cfg = merged.cfg
   q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
   columns = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
-  for block, _ in _block_groups(merged):
+  for block, _, _ in _block_groups(merged):
     for target in adapters.ATTENTION_TARGETS + adapters.EXPERT_TARGETS:
       low_rank = adapters.adapter(block.attn if target in columns or target == "o" else block.mlp,
                                   target)
@@ -60,12 +77,22 @@ def merge_lora(model: GptOss) -> GptOss:
         _add(block.attn.out.kernel, delta)
         delattr(block.attn, adapters.attribute(target))
       else:
-        if merged.execution.expert_format == "mxfp4":
-          _add_mxfp4(getattr(block.mlp, f"{target}_blocks"), getattr(block.mlp, f"{target}_scales"),
-                     delta)
-        else:
-          _add(getattr(block.mlp, f"{target}_weight"), delta)
+        _add_expert(merged, block.mlp, target, delta)
         delattr(block.mlp, adapters.attribute(target))
+  held = getattr(merged.blocks, LORA_EXPERTS, None)
+  for key, owner in (held or {}).items():  # the scan layout's adapters of some layers' experts
+    layer = int(key)
+    if isinstance(merged.blocks, ScannedBlocks) and layer < cfg.num_hidden_layers // 2 * 2:
+      pairs = merged.blocks.pairs
+      mlp, at = (pairs.full if layer % 2 else pairs.sliding).mlp, layer // 2
+    else:
+      mlp, at = merged.block(layer).mlp, None
+    for target in adapters.EXPERT_TARGETS:
+      low_rank = adapters.adapter(owner, target)
+      if low_rank is not None:
+        _add_expert(merged, mlp, target, _delta(low_rank), at)
+  if held is not None:
+    setattr(merged.blocks, LORA_EXPERTS, None)
   del merged.lora_config
   return merged
 

@@ -103,12 +103,15 @@ class MoE(nnx.Module):
     self.dtype = execution.compute_dtype
 
   def __call__(self, x: jax.Array, *, groups: int = 1, impl: str | None = None,
-               layer: jax.Array | None = None) -> tuple[jax.Array, dict]:
+               layer: jax.Array | None = None, lora: nnx.Module | None = None
+               ) -> tuple[jax.Array, dict]:
     """x [B, T, D] -> (MLP output [B, T, D], router statistics for the auxiliary losses).
 
     Tokens reach experts within `groups` equal slices of the batch: with the batch split over
     P devices, P groups let each device sort and multiply its own tokens. `layer`: the scanned
     pair this block runs, which MXFP4 stacks that reach it whole are read at (`expert_weights`).
+    `lora`: a module holding this layer's expert adapters when the MoE does not hold them itself
+    (`adapters.ExpertAdapters`, in the scan layout).
     """
     batch, length, hidden = x.shape
     if batch % groups:
@@ -127,7 +130,8 @@ class MoE(nnx.Module):
     # On a mesh with an expert (or tensor) axis the experts are split over devices and tokens
     # travel to them (model/expert_parallel.py); elsewhere every group sees every expert.
     mode = expert_mode(jax.sharding.get_abstract_mesh(), groups, self.cfg.num_experts)
-    lora = adapters.expert_factors(self, self.dtype)  # LoRA's low-rank factors, or None
+    # LoRA's low-rank factors, or None.
+    lora = adapters.expert_factors(self if lora is None else lora, self.dtype)
     dropped = None
     if mode is not None:
       if lora is not None:
