@@ -6,10 +6,14 @@ lora_B [out, r]); expert adapters go through `target_parameters` on transformers
 experts ([E, in, out], gate/up interleaved as ours), whose ParamWrapper keeps lora_A as
 [E * r, in] (expert-major rows) and lora_B as [out, r * E] (expert-minor columns). Wrapping both
 expert matrices nests the wrappers: the first target (gate_up_proj) sits under `base_layer`.
+The experts of some layers only are PEFT's layer-prefixed target parameters
+(`7.mlp.experts.gate_up_proj`, as OpenAI's fine-tuning recipe writes them); `all-linear` targets
+attention's four projections (the router is no `nn.Linear` in transformers' GptOss).
 """
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +29,9 @@ PREFIX = "base_model.model.model.layers"
 ATTENTION_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 EXPERT_PARAMETERS = {"mlp1": "mlp.experts.gate_up_proj", "mlp2": "mlp.experts.down_proj"}
 # PEFT settings we do not reproduce: an adapter that uses any is refused.
+ALL_LINEAR = "all-linear"
+# A target parameter: an expert matrix, maybe of one layer only ("7.mlp.experts.down_proj").
+TARGET_PARAMETER = re.compile(r"(?:(\d+)\.)?(mlp\.experts\.\w+)")
 UNSUPPORTED = {"use_rslora": False, "use_dora": False, "lora_bias": False, "rank_pattern": {},
                "alpha_pattern": {}, "layers_to_transform": None, "modules_to_save": None,
                "trainable_token_indices": None}
@@ -81,6 +88,8 @@ def save_adapter(model, out_dir: str) -> None:
   tensors = {}
   for layer in range(model.cfg.num_hidden_layers):
     for target in lora.targets:
+      if (layer, target, "lora_a") not in adapters:  # experts of a layer left unadapted
+        continue
       a, b = (np.asarray(adapters[(layer, target, part)][...], np.float32)
               for part in ("lora_a", "lora_b"))
       for name, value in zip(_peft_names(layer, target, lora.targets), _to_peft(a, b)):
@@ -93,8 +102,11 @@ def save_adapter(model, out_dir: str) -> None:
             "base_model_name_or_path": None,
             "target_modules": [ATTENTION_MODULES[t] for t in lora.targets
                                if t in ATTENTION_MODULES],
-            "target_parameters": [EXPERT_PARAMETERS[t] for t in EXPERT_PARAMETERS
-                                  if t in lora.targets], **UNSUPPORTED}
+            "target_parameters": [f"{prefix}{EXPERT_PARAMETERS[t]}"
+                                  for prefix in ([f"{layer}." for layer in lora.expert_layers]
+                                                 or [""])
+                                  for t in EXPERT_PARAMETERS if t in lora.targets],
+            **UNSUPPORTED}
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2)
 
@@ -112,20 +124,36 @@ def read_adapter_config(path: str) -> LoraConfig:
       raise AdapterError(f"{config_path}: {key}={config[key]!r} is not supported")
   modules = config.get("target_modules") or []
   modules = [modules] if isinstance(modules, str) else list(modules)
-  parameters = list(config.get("target_parameters") or [])
-  inverse = {v: k for k, v in ATTENTION_MODULES.items()} | {
-      v: k for k, v in EXPERT_PARAMETERS.items()}
-  unknown = [name for name in modules + parameters if name not in inverse]
+  if modules == [ALL_LINEAR]:
+    modules = list(ATTENTION_MODULES.values())
+  unknown = [name for name in modules if name not in ATTENTION_MODULES.values()]
+  per_layer, names = {}, []
+  for name in config.get("target_parameters") or []:
+    match = TARGET_PARAMETER.fullmatch(name)
+    if not match or match[2] not in EXPERT_PARAMETERS.values():
+      unknown.append(name)
+      continue
+    per_layer.setdefault(None if match[1] is None else int(match[1]), []).append(match[2])
+    names.append(match[2])
   if unknown:
     raise AdapterError(f"{config_path}: targets {unknown} are not ours (we adapt "
-                       f"{sorted(inverse)})")
-  if parameters and parameters != [p for p in EXPERT_PARAMETERS.values() if p in parameters]:
+                       f"{sorted(ATTENTION_MODULES.values())} and "
+                       f"{sorted(EXPERT_PARAMETERS.values())}, maybe layer-prefixed)")
+  if None in per_layer and len(per_layer) > 1:
+    raise AdapterError(f"{config_path}: target_parameters mixes every layer's experts with "
+                       f"some layers' ({sorted(k for k in per_layer if k is not None)})")
+  if len({tuple(sorted(v)) for v in per_layer.values()}) > 1:
+    raise AdapterError(f"{config_path}: target_parameters adapts different expert matrices on "
+                       f"different layers; we adapt the same ones on every chosen layer")
+  if None in per_layer and per_layer[None] != [p for p in EXPERT_PARAMETERS.values()
+                                               if p in per_layer[None]]:
     raise AdapterError(f"{config_path}: target_parameters must list gate_up_proj before "
-                       f"down_proj (got {parameters})")
+                       f"down_proj (got {per_layer[None]})")
   targets = tuple(t for t in ("q", "k", "v", "o", "mlp1", "mlp2")
-                  if ATTENTION_MODULES.get(t) in modules or EXPERT_PARAMETERS.get(t) in parameters)
+                  if ATTENTION_MODULES.get(t) in modules or EXPERT_PARAMETERS.get(t) in names)
   return LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=targets,
-                    dropout=float(config.get("lora_dropout", 0.0)))
+                    dropout=float(config.get("lora_dropout", 0.0)),
+                    expert_layers=tuple(sorted(k for k in per_layer if k is not None)))
 
 
 def load_adapter(model, path: str):
