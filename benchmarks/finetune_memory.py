@@ -1,8 +1,8 @@
 """Device memory of one LoRA fine-tuning step at gpt-oss-20b and -120b shapes (XLA's analysis).
 
 Abstract weights (nnx.eval_shape): nothing is allocated, the step is only compiled. One step:
-the loss gradient w.r.t. the adapters (r 8 on q, k, v, o and both expert matrices), AdamW's
-update, the adapters and moments donated; batch 1 x 2,048 tokens, with the execution settings
+the loss gradient w.r.t. the adapters (r 8 on q, k, v, o and both expert matrices of the
+layers the config picks, or of every layer), AdamW's update, the adapters and moments donated; batch 1 x 2,048 tokens, with the execution settings
 of configs/finetune_20b_lora.py (scanned layers, remat per block, chunked loss, experts a block
 at a time). QLoRA keeps the experts as published (MXFP4 blocks + scales, decoded in the step); the
 comparison row stores them dequantized to bf16. Memory = arguments + outputs - donated aliases
@@ -19,10 +19,11 @@ beside the project once (the script prints the command if it is missing):
 keeps float32 copies of bf16 weights that a GPU does not make).
 
   python benchmarks/finetune_memory.py [--target h100|host] [--models 20b,120b]
-      [--formats mxfp4,float] [--length 2048] [--expert-layers all|recipe|7,15,23]
+      [--formats mxfp4,float] [--length 2048] [--expert-layers config|all|7,15,23]
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -56,6 +57,8 @@ def _arguments() -> argparse.Namespace:
   parser.add_argument("--formats", default="mxfp4,float")
   parser.add_argument("--length", type=int, default=2048)
   parser.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
+  parser.add_argument("--expert-layers", default="config",
+                      help="whose experts get adapters: the fine-tune config's, all, or 7,15,23")
   parser.add_argument("--moe-impl", default="",
                       help="the fine-tune config's unless given: sorted, looped, ragged, dense")
   return parser.parse_args()
@@ -82,7 +85,6 @@ FINETUNE_CONFIG = ROOT / "configs" / "finetune_20b_lora.py"
 
 # The published shapes (their config.json): 120b is GptOssConfig's default.
 SHAPES = {"20b": GptOssConfig(num_hidden_layers=24, num_experts=32), "120b": GptOssConfig()}
-LORA = LoraConfig(rank=8, alpha=16.0)  # OpenAI's TRL recipe
 GB = 1e9
 
 
@@ -130,7 +132,14 @@ def step_memory(cfg: GptOssConfig, execution: ExecutionConfig, lora: LoraConfig,
 def main(args: argparse.Namespace):
   device = target_device(args.target)
   print(f"compiled for: {device.device_kind}", flush=True)
-  shipped = load_config_file(FINETUNE_CONFIG).execution
+  run = load_config_file(FINETUNE_CONFIG)
+  shipped, lora = run.execution, run.lora  # OpenAI's TRL recipe
+  if args.expert_layers != "config":
+    layers = () if args.expert_layers == "all" else tuple(
+        int(x) for x in args.expert_layers.split(","))
+    lora = dataclasses.replace(lora, expert_layers=layers)
+  print(f"adapters: r {lora.rank} on {', '.join(lora.targets)}; experts of "
+        f"{'every layer' if not lora.expert_layers else 'layers ' + str(lora.expert_layers)}")
   # `auto` choices (attention, loss, MoE kernels) for the platform compiled for.
   shipped = shipped.replace(platform="cpu" if args.target == "host" else "gpu")
   if args.moe_impl:
@@ -141,7 +150,7 @@ def main(args: argparse.Namespace):
       start = time.perf_counter()
       execution = shipped.replace(expert_format=experts)
       cfg = SHAPES[name].replace(num_hidden_layers=args.layers or SHAPES[name].num_hidden_layers)
-      memory = step_memory(cfg, execution, LORA, 1, args.length, device)
+      memory = step_memory(cfg, execution, lora, 1, args.length, device)
       label = "QLoRA (MXFP4 experts)" if experts == "mxfp4" else "LoRA (bf16 experts)"
       print(f"{name:5s} {label:22s} " + " ".join(f"{k} {v:6.2f} GB" for k, v in memory.items())
             + f"  compile {time.perf_counter() - start:5.1f} s", flush=True)

@@ -5,6 +5,8 @@ exactly its base until B trains. Leading axes stack one adapter per expert ([E])
 layer ([L/2]); `model/lora.py` attaches them (add_lora), blocks look them up by name here.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,6 +50,29 @@ class ExpertAdapters(nnx.Module):
   scan layout when only some layers' experts are adapted (model/lora.py)."""
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PickedExperts:
+  """One layer's expert factors picked from the stacks of several layers' (A [n, E, in, r],
+  B [n, E, r, out] per matrix, None where not adapted) at `slot`; `on` 0 makes it a layer
+  without adapters (B times 0: a zero update, and zero gradients to the stacks).
+
+  The scan layout hands a block this instead of the picked arrays: the block indexes the stacks
+  itself, inside its remat, so the backward pass keeps the stacks once and not each pair's
+  factors (layer_stack.ScannedBlocks)."""
+
+  factors_of: tuple  # (A1, B1, A2, B2), unscaled
+  slot: jax.Array  # [] int32
+  on: jax.Array  # [] float32, 1 or 0
+  scale: float = dataclasses.field(metadata=dict(static=True))
+
+  def factors(self, dtype) -> tuple:
+    a1, b1, a2, b2 = (None if x is None else x[self.slot] for x in self.factors_of)
+    scaled = lambda b: None if b is None else (b * (self.scale * self.on)).astype(dtype)
+    cast = lambda a: None if a is None else a.astype(dtype)
+    return cast(a1), scaled(b1), cast(a2), scaled(b2)
+
+
 def adapter(module: nnx.Module, target: str) -> LowRank | None:
   """`module`'s adapter for `target`, None when it has none."""
   return getattr(module, attribute(target), None)
@@ -59,9 +84,11 @@ def add_update(module: nnx.Module, target: str, x: jax.Array, y: jax.Array) -> j
   return y if low_rank is None else y + low_rank(x).astype(y.dtype)
 
 
-def expert_factors(module: nnx.Module, dtype) -> tuple | None:
+def expert_factors(module: nnx.Module | PickedExperts, dtype) -> tuple | None:
   """(A1 [E, D, r], sB1 [E, r, 2F], A2 [E, F, r], sB2 [E, r, D]) for the expert dispatch, None
   without expert adapters; a missing one of the two is a zero-rank pair (adds nothing)."""
+  if isinstance(module, PickedExperts):
+    return module.factors(dtype)
   found = [adapter(module, target) for target in EXPERT_TARGETS]
   if all(low_rank is None for low_rank in found):
     return None

@@ -19,6 +19,7 @@ Both layouts hold the same numbers, so any state tree converts between them (`to
 parameters, optimiser moments, abstract shapes for restoring checkpoints.
 """
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanogptoss_jax.model import axes
+from nanogptoss_jax.model import adapters, axes
 from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.kv_cache import StackedCache
 
@@ -83,6 +84,13 @@ class ScannedBlocks(nnx.Module):
       sliding, full, last = cache.sliding, cache.full, cache.last
     if self.pairs is not None:
       graphdef, whole, state = nnx.split(self.pairs, lambda path, _: path[-1] in WHOLE, ...)
+      picked = [self._picked_lora(kind) for kind in (0, 1)]
+
+      def lora_of(kind: int, pair_index: jax.Array) -> adapters.PickedExperts | None:
+        if picked[kind] is None:
+          return None
+        base, slots, on = picked[kind]
+        return dataclasses.replace(base, slot=slots[pair_index], on=on[pair_index])
 
       def body(carry, pair_state):
         x, sliding, full, pair_index = carry
@@ -90,8 +98,8 @@ class ScannedBlocks(nnx.Module):
         # inside it could not write them back.
         pair = nnx.merge(graphdef, whole, pair_state, copy=True)
         x, sliding, sliding_stats = run(pair.sliding, x, sliding, pair_index,
-                                        self._pair_lora(0, pair_index))
-        x, full, full_stats = run(pair.full, x, full, pair_index, self._pair_lora(1, pair_index))
+                                        lora_of(0, pair_index))
+        x, full, full_stats = run(pair.full, x, full, pair_index, lora_of(1, pair_index))
         return (x, sliding, full, pair_index + 1), (sliding_stats, full_stats)
 
       start = (x, sliding, full, jnp.zeros((), jnp.int32))
@@ -105,24 +113,27 @@ class ScannedBlocks(nnx.Module):
       stats.append(last_stats)
     return x, None if cache is None else StackedCache(sliding, full, last), stats
 
-  def _pair_lora(self, kind: int, pair_index: jax.Array) -> nnx.Module | None:
-    """The expert adapters of layer 2 * pair_index + kind (kind 0 the sliding layer, 1 the full
-    one) from `lora_experts`: the layer's own, or zeros (adding nothing) for a layer without;
-    None when no layer of that kind has any."""
+  def _picked_lora(self, kind: int) -> tuple | None:
+    """For the pairs' layers of `kind` (0 sliding, 1 full) with adapters in `lora_experts`: the
+    stacks of their factors as `adapters.PickedExperts` and, per pair, the slot to pick and
+    whether its layer has any; None when no layer of that kind has."""
     owners = {int(layer): owner for layer, owner in (self.lora_experts or {}).items()
               if int(layer) % 2 == kind and int(layer) < self.num_layers // 2 * 2}
     if not owners:
       return None
     layers = sorted(owners)
-    graphdef, first = nnx.split(owners[layers[0]])
-    branch = np.zeros(self.num_layers // 2, np.int32)  # pair -> 0 (none) or 1 + its owner
+    found = [[adapters.adapter(owners[layer], target) for layer in layers]
+             for target in adapters.EXPERT_TARGETS]
+    stacks = tuple(None if low_ranks[0] is None else jnp.stack([getattr(low_rank, part)[...]
+                                                                for low_rank in low_ranks])
+                   for low_ranks in found for part in ("lora_a", "lora_b"))
+    scale = next(low_ranks[0].scale for low_ranks in found if low_ranks[0] is not None)
+    slots, on = np.zeros(self.num_layers // 2, np.int32), np.zeros(self.num_layers // 2,
+                                                                   np.float32)
     for i, layer in enumerate(layers):
-      branch[layer // 2] = i + 1
-    states = [nnx.state(owners[layer]) for layer in layers]
-    picked = jax.lax.switch(jnp.asarray(branch)[pair_index],
-                            [lambda: jax.tree.map(jnp.zeros_like, first)]
-                            + [lambda state=state: state for state in states])
-    return nnx.merge(graphdef, picked)
+      slots[layer // 2], on[layer // 2] = i, 1.0
+    return adapters.PickedExperts(stacks, jnp.zeros((), jnp.int32), jnp.ones(()), scale), \
+        jnp.asarray(slots), jnp.asarray(on)
 
   def block(self, layer: int) -> nnx.Module:
     """Layer `layer` as a Block of its own (a view: its arrays are slices of the stacks)."""
