@@ -19,7 +19,7 @@ beside the project once (the script prints the command if it is missing):
 keeps float32 copies of bf16 weights that a GPU does not make).
 
   python benchmarks/finetune_memory.py [--target h100|host] [--models 20b,120b]
-      [--formats mxfp4,float] [--length 2048] [--expert-layers config|all|7,15,23]
+      [--formats mxfp4,mxfp4+int8,float] [--length 2048] [--expert-layers config|all|7,15,23]
 """
 
 import argparse
@@ -54,7 +54,8 @@ def _arguments() -> argparse.Namespace:
   parser = argparse.ArgumentParser()
   parser.add_argument("--target", default="h100", choices=["host", *TARGETS])
   parser.add_argument("--models", default="20b,120b")
-  parser.add_argument("--formats", default="mxfp4,float")
+  parser.add_argument("--formats", default="mxfp4,mxfp4+int8,float",
+                      help="expert storage, +int8 for int8 embedding and attention kernels")
   parser.add_argument("--length", type=int, default=2048)
   parser.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
   parser.add_argument("--expert-layers", default="config",
@@ -145,16 +146,18 @@ def main(args: argparse.Namespace):
   if args.moe_impl:
     shipped = shipped.replace(moe_impl=args.moe_impl)
   qlora = {}
-  for experts in args.formats.split(","):
+  for storage in args.formats.split(","):
+    experts, _, dense = storage.partition("+")
     for name in args.models.split(","):
       start = time.perf_counter()
-      execution = shipped.replace(expert_format=experts)
+      execution = shipped.replace(expert_format=experts, dense_format=dense or "float")
       cfg = SHAPES[name].replace(num_hidden_layers=args.layers or SHAPES[name].num_hidden_layers)
       memory = step_memory(cfg, execution, lora, 1, args.length, device)
-      label = "QLoRA (MXFP4 experts)" if experts == "mxfp4" else "LoRA (bf16 experts)"
-      print(f"{name:5s} {label:22s} " + " ".join(f"{k} {v:6.2f} GB" for k, v in memory.items())
+      label = ("QLoRA (MXFP4 experts)" if experts == "mxfp4" else "LoRA (bf16 experts)") + (
+          " + int8" if dense else "")
+      print(f"{name:5s} {label:29s} " + " ".join(f"{k} {v:6.2f} GB" for k, v in memory.items())
             + f"  compile {time.perf_counter() - start:5.1f} s", flush=True)
-      if experts == "mxfp4":
+      if storage == "mxfp4":
         qlora[name] = memory["total"]
   if qlora:
     print("QLoRA step memory: " + ", ".join(f"{name} {gb:.1f} GB" for name, gb in qlora.items()))

@@ -14,7 +14,7 @@ from nanogptoss_jax.kernels.attention import MASKED, blocked_attention
 from nanogptoss_jax.kernels.flash_attention import flash_attention
 from nanogptoss_jax.kernels.pallas_attention import pallas_attention
 from nanogptoss_jax.kernels.splash_attention import splash_attention
-from nanogptoss_jax.model import adapters, axes, choices
+from nanogptoss_jax.model import adapters, axes, choices, int8
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.kv_cache import LayerCache, cache_write, layer_view
@@ -126,16 +126,20 @@ class Attention(nnx.Module):
     dtype, param_dtype = execution.compute_dtype, execution.storage_dtype
     self.norm = RMSNorm(cfg.hidden_size, param_dtype=execution.param_dtype, rngs=rngs)
     qkv_size = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    self.qkv = linear(cfg.hidden_size, qkv_size, logical_axes=(axes.EMBED, axes.QKV),
-                      matmul_impl=execution.matmul_impl, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=normal_init(), rngs=rngs)
+    if execution.dense_format == "int8":  # frozen int8 kernels (model/int8.py)
+      dense = lambda fan_in, fan_out, logical, init: int8.Int8Linear(
+          fan_in, fan_out, logical_axes=logical, dtype=dtype, param_dtype=param_dtype)
+    else:
+      dense = lambda fan_in, fan_out, logical, init: linear(
+          fan_in, fan_out, logical_axes=logical, matmul_impl=execution.matmul_impl, dtype=dtype,
+          param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+    self.qkv = dense(cfg.hidden_size, qkv_size, (axes.EMBED, axes.QKV), normal_init())
     # Sinks start at 0: one extra "key" scoring like an average key, which the model can raise
     # (heads that should rest) or push towards -inf (plain softmax).
     self.sinks = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype),
                            **axes.names(axes.Q_HEADS))
-    self.out = linear(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size,
-                      logical_axes=(axes.Q_HEADS, axes.EMBED), matmul_impl=execution.matmul_impl, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=residual_init(cfg.num_hidden_layers), rngs=rngs)
+    self.out = dense(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size,
+                     (axes.Q_HEADS, axes.EMBED), residual_init(cfg.num_hidden_layers))
 
   def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                cache: LayerCache | None = None, layer=None, *, in_order: bool = False

@@ -17,6 +17,7 @@ MATMUL_IMPLS = ("auto", "plain", "transposed_grad")  # transposed_grad: kernels.
 LOSS_IMPLS = ("auto", "plain", "fused", "chunked")  # kernels.cross_entropy, .chunked_*
 MOE_IMPLS = ("auto", "dense", "sorted", "looped", "ragged")  # dense is the plain one
 EXPERT_FORMATS = ("float", "mxfp4")  # mxfp4: model/mxfp4.py
+DENSE_FORMATS = ("float", "int8")  # int8: model/int8.py
 MXFP4_IMPLS = ("auto", "plain", "bits")  # bits: kernels.mxfp4
 # Rematerialisation in training (model/gptoss.py): none; each block recomputed in the backward
 # pass; or each block recomputed except the outputs of its matmuls (model/layers.py names them).

@@ -32,6 +32,9 @@ class ExecutionConfig:
   # "mxfp4": expert matrices stay as OpenAI's 4-bit blocks + scales (model/mxfp4.py), decoded
   # inside the MoE per selected expert; "float": ordinary trainable weights.
   expert_format: str = "float"
+  # "int8": the token embedding and attention's qkv and output kernels stored as int8 with a
+  # float32 scale per output channel (model/int8.py, weight-only): frozen, for LoRA and serving.
+  dense_format: str = "float"
   mxfp4_impl: str = "auto"
   remat: str = "none"  # choices.REMAT_POLICIES: what the backward pass recomputes
   layers_impl: str = "auto"  # choices.LAYERS_IMPLS: blocks in a Python loop or scanned
@@ -54,6 +57,7 @@ class ExecutionConfig:
                           ("matmul_impl", choices.MATMUL_IMPLS),
                           ("loss_impl", choices.LOSS_IMPLS), ("moe_impl", choices.MOE_IMPLS),
                           ("expert_format", choices.EXPERT_FORMATS),
+                          ("dense_format", choices.DENSE_FORMATS),
                           ("mxfp4_impl", choices.MXFP4_IMPLS),
                           ("remat", choices.REMAT_POLICIES), ("layers_impl", choices.LAYERS_IMPLS),
                           ("platform", PLATFORMS)):

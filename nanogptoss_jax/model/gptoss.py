@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanogptoss_jax.model import axes, choices
+from nanogptoss_jax.model import axes, choices, int8
 from nanogptoss_jax.model.attention import Attention
 from nanogptoss_jax.model.config import GptOssConfig
 from nanogptoss_jax.model.execution import ExecutionConfig
@@ -45,9 +45,14 @@ class GptOss(nnx.Module):
                rngs: nnx.Rngs):
     execution = execution or ExecutionConfig()
     self.cfg, self.execution = cfg, execution
-    self.embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=execution.compute_dtype,
-                               param_dtype=execution.storage_dtype, embedding_init=normal_init(),
-                               embedding_metadata=axes.names(axes.VOCAB, axes.EMBED), rngs=rngs)
+    if execution.dense_format == "int8":  # a frozen int8 table (model/int8.py)
+      self.embedding = int8.Int8Embed(cfg.vocab_size, cfg.hidden_size,
+                                      dtype=execution.compute_dtype)
+    else:
+      self.embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=execution.compute_dtype,
+                                 param_dtype=execution.storage_dtype, embedding_init=normal_init(),
+                                 embedding_metadata=axes.names(axes.VOCAB, axes.EMBED),
+                                 rngs=rngs)
     blocks = [Block(cfg, layer, execution=execution, rngs=rngs)
               for layer in range(cfg.num_hidden_layers)]
     # Either layout starts from the same numbers: a seed gives one model, scanned or not.

@@ -1,15 +1,16 @@
 """Folding LoRA adapters into the weights: W + (alpha / r) A B, then the adapters are gone.
 
 Float weights take the update in float32 and keep their dtype. MXFP4 experts are decoded,
-updated and quantized again with OpenAI's rule (model/mxfp4.quantize); that rounding is the
-merge's cost, which `merge_cost` measures (max |Δlogit| and KL on a batch).
+updated and quantized again with OpenAI's rule (model/mxfp4.quantize), int8 attention kernels
+with theirs (model/int8.quantize); that rounding is the merge's cost, which `merge_cost`
+measures (max |Δlogit| and KL on a batch).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanogptoss_jax.model import adapters, mxfp4
+from nanogptoss_jax.model import adapters, int8, mxfp4
 from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.gptoss import GptOss
 from nanogptoss_jax.model.layer_stack import LORA_EXPERTS, ScannedBlocks
@@ -47,6 +48,15 @@ def _add_mxfp4(blocks: nnx.Param, scales: nnx.Param, delta: jax.Array,
     param.set_value(new if at is None else param[...].at[at].set(new))
 
 
+def _add_int8(dense: int8.Int8Linear, delta: jax.Array, columns: slice) -> None:
+  """An int8 kernel [.., in, out] decoded, delta added on `columns`, quantized again (columns
+  left alone quantize back to the same values: their largest value sets the same scale)."""
+  weight = int8.dequantize(dense.kernel[...], dense.kernel_scale[...], -2)
+  values, scales = int8.quantize(weight.at[..., columns].add(delta), -2)
+  dense.kernel.set_value(values)
+  dense.kernel_scale.set_value(scales)
+
+
 def _add_expert(model: GptOss, mlp: nnx.Module, target: str, delta: jax.Array,
                 at: int | None = None) -> None:
   if model.execution.expert_format == "mxfp4":
@@ -70,11 +80,12 @@ def merge_lora(model: GptOss) -> GptOss:
       if low_rank is None:
         continue
       delta = _delta(low_rank)
-      if target in columns:
-        _add(block.attn.qkv.kernel, delta, columns[target])
-        delattr(block.attn, adapters.attribute(target))
-      elif target == "o":
-        _add(block.attn.out.kernel, delta)
+      if target in columns or target == "o":
+        dense = block.attn.qkv if target in columns else block.attn.out
+        if isinstance(dense, int8.Int8Linear):
+          _add_int8(dense, delta, columns.get(target, slice(None)))
+        else:
+          _add(dense.kernel, delta, columns.get(target, slice(None)))
         delattr(block.attn, adapters.attribute(target))
       else:
         _add_expert(merged, block.mlp, target, delta)

@@ -72,6 +72,10 @@ def save_pretrained(model, tokenizer, out_dir: str, *, dtype: str = "bfloat16",
   if not isinstance(getattr(model, "cfg", None), GptOssConfig):
     raise UserError("save_pretrained exports GPT-OSS models only; GPT-2 runs have no Hugging "
                     "Face export here yet")
+  if getattr(model, "execution", None) is not None and model.execution.dense_format != "float":
+    raise UserError(f"save_pretrained: the model's embedding and attention are "
+                    f"{model.execution.dense_format} (model/int8.py), which Hugging Face's "
+                    f"GptOss cannot read; export the float model they were quantized from")
   if has_lora(model):
     raise UserError("save_pretrained writes base weights only: merge_lora(model) first, or "
                     "save_adapter(model, dir) for a PEFT adapter")

@@ -18,6 +18,7 @@ from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import axes, mxfp4
 from nanogptoss_jax.model.execution import ExecutionConfig
 from nanogptoss_jax.model.gptoss import abstract_loop_model, from_loop_flat_state
+from nanogptoss_jax.model.quantize import quantize
 from nanogptoss_jax.parallel.mesh import make_mesh
 from nanogptoss_jax.parallel.rules import param_spec
 from nanogptoss_jax.pretrained import config_map, hub, names
@@ -115,6 +116,11 @@ def load_pretrained(path: str, *, dtype: str | None = None, mxfp4: str = "keep",
   """
   if mxfp4 not in MXFP4_MODES:
     raise UserError(f"mxfp4={mxfp4!r} must be one of {MXFP4_MODES}")
+  if execution is not None and execution.dense_format != "float":
+    # No checkpoint stores int8 attention: load its floats, then quantize them (model/int8.py).
+    model, tokenizer = load_pretrained(path, mesh=mesh,
+                                       execution=execution.replace(dense_format="float"))
+    return quantize(model, experts=None, dense=execution.dense_format), tokenizer
   path = hub.resolve(path)  # a hub id (owner/name[/folder][@revision]): its fetched files
   start = time.perf_counter()
   ckpt = open_checkpoint(path)

@@ -155,6 +155,10 @@ def _run_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
       (cfg.lora is None or isinstance(model, GptOssConfig),
        f"lora adapts GPT-OSS models only (this run trains a {type(model).__name__}); "
        "set --config.lora=none"),
+      (cfg.execution.dense_format == "float" or (cfg.lora is not None
+                                                  and isinstance(model, GptOssConfig)),
+       "execution.dense_format='int8' stores GPT-OSS's embedding and attention kernels frozen: "
+       "train LoRA adapters over them (set lora) or use execution.dense_format='float'"),
       *model.run_rules(train.context_len),
   ]
 

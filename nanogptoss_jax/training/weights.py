@@ -16,6 +16,7 @@ from flax import nnx
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import axes, layer_stack
 from nanogptoss_jax.model.gptoss import layer_layout
+from nanogptoss_jax.model.quantize import quantize
 from nanogptoss_jax.parallel import rules
 from nanogptoss_jax.pretrained import hub
 from nanogptoss_jax.training import checkpoints as ckpt
@@ -122,8 +123,10 @@ def _base_model(source: str, cfg: RunConfig):
     base, _ = load_checkpoint(root)
   else:
     from nanogptoss_jax.pretrained.load import load_pretrained  # noqa: PLC0415 - heavy, rare
-    base, _ = load_pretrained(str(root), execution=cfg.execution.replace(layers_impl="loop"),
-                              mesh=None)
+    base, _ = load_pretrained(str(root), execution=cfg.execution.replace(
+        layers_impl="loop", dense_format="float"), mesh=None)
+  if cfg.execution.dense_format != "float":  # int8 from the source's own float weights
+    base = quantize(base, experts=None, dense=cfg.execution.dense_format)
   mine = dataclasses.replace(cfg.model, stop_tokens=())
   theirs = dataclasses.replace(base.cfg, stop_tokens=())
   if type(mine) is not type(theirs) or mine != theirs:
