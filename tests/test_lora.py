@@ -85,6 +85,9 @@ def test_some_layers_experts_scanned_equal_the_loop(moe_impl):
   nnx.update(scan, layer_stack.to_layout(nnx.state(loop), layer_stack.SCAN))
   assert all(p[1] == layer_stack.LORA_EXPERTS for p, _ in nnx.to_flat_state(
       nnx.state(scan, lora_filter())) if "lora_mlp1" in p)
+  # The loaders' path from a flat loop state lays the adapters out the same way.
+  stacked = layer_stack.stack_flat(dict(nnx.to_flat_state(nnx.state(loop))), FIVE.num_hidden_layers)
+  assert set(stacked) == {p for p, _ in nnx.to_flat_state(nnx.state(scan))}
 
   def loss_and_grads(model):
     graphdef, adapters, rest = nnx.split(model, lora_filter(), ...)

@@ -1,5 +1,7 @@
 """What MXFP4 experts cost a model we trained: validation loss and bits per byte before and after
-`ng.quantize(model, experts="mxfp4")`, and the bytes the expert matrices take in each form.
+`ng.quantize(model, experts="mxfp4")`, and the bytes the expert matrices take in each form; and
+what int8 embedding and attention kernels cost (`ng.quantize(model, experts=None, dense="int8")`,
+the fine-tuning option of model/int8.py), alone and with MXFP4 experts.
 
   python -m nanogptoss_jax.experiments.quantize_report --checkpoint RUN [--checkpoint RUN ...]
       --data DIR --out DIR [--split validation] [--windows 200] [--context-len 256]
@@ -15,6 +17,9 @@ import argparse
 import json
 import logging
 from pathlib import Path
+
+import numpy as np
+from flax import nnx
 
 from nanogptoss_jax.data.config import DataConfig
 from nanogptoss_jax.evaluation.loading import load_model
@@ -34,10 +39,21 @@ def measure(checkpoint: str, data: DataConfig, args) -> dict:
   before = score_text(model, windows, weights, bytes_per_token, batch_size=args.batch_size)
   quantized = quantize(model, experts="mxfp4")
   after = score_text(quantized, windows, weights, bytes_per_token, batch_size=args.batch_size)
+  dense = quantize(model, experts=None, dense="int8")
+  both = quantize(quantized, experts=None, dense="int8")
+  score = lambda m: score_text(m, windows, weights, bytes_per_token, batch_size=args.batch_size)
   return {"checkpoint": checkpoint, "layers": model.cfg.num_hidden_layers,
           "hidden": model.cfg.hidden_size, "experts": model.cfg.num_experts,
-          "float": before, "mxfp4": after,
-          "expert_bytes_float": expert_bytes(model), "expert_bytes_mxfp4": expert_bytes(quantized)}
+          "float": before, "mxfp4": after, "int8": score(dense), "mxfp4_int8": score(both),
+          "expert_bytes_float": expert_bytes(model), "expert_bytes_mxfp4": expert_bytes(quantized),
+          "model_bytes": {"float": model_bytes(model), "mxfp4": model_bytes(quantized),
+                          "int8": model_bytes(dense), "mxfp4_int8": model_bytes(both)}}
+
+
+def model_bytes(model) -> int:
+  """Bytes of every parameter as stored."""
+  return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+             for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
 def table(rows: list[dict]) -> str:
@@ -53,6 +69,18 @@ def table(rows: list[dict]) -> str:
         f"{f['bits_per_byte']:.4f} → {q['bits_per_byte']:.4f} | "
         f"{row['expert_bytes_float'] / 2**20:.2f} MiB → {row['expert_bytes_mxfp4'] / 2**20:.2f} "
         f"MiB ({ratio:.2f}x smaller) |")
+  lines += ["", "| model | val loss, float | int8 embedding + attention | Δ loss | MXFP4 experts "
+            "+ int8 | Δ loss | bytes, float → MXFP4 → MXFP4 + int8 |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+  for row in rows:
+    if "int8" not in row:  # a report written before the int8 rows
+      continue
+    f, d, b, size = row["float"], row["int8"], row["mxfp4_int8"], row["model_bytes"]
+    delta = lambda q: f"{q['loss'] - f['loss']:+.4f} ({100 * (q['loss'] / f['loss'] - 1):+.2f}%)"
+    lines.append(
+        f"| `{row['checkpoint']}` | {f['loss']:.4f} | {d['loss']:.4f} | {delta(d)} | "
+        f"{b['loss']:.4f} | {delta(b)} | {size['float'] / 2**20:.1f} → "
+        f"{size['mxfp4'] / 2**20:.1f} → {size['mxfp4_int8'] / 2**20:.1f} MiB |")
   return "\n".join(lines)
 
 
