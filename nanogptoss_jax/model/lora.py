@@ -71,14 +71,14 @@ class LoraConfig:
   def scale(self) -> float:
     return self.alpha / self.rank
 
-  def adapts_experts(self, layer: int, num_layers: int) -> bool:
-    """Whether layer `layer` of a `num_layers`-layer model gets expert adapters."""
+  def adapts_experts(self, layer: int) -> bool:
+    """Whether layer `layer` gets expert adapters."""
     return (bool(set(self.targets) & set(adapters.EXPERT_TARGETS))
             and (not self.expert_layers or layer in self.expert_layers))
 
   def some_experts(self, num_layers: int) -> tuple[int, ...] | None:
     """The adapted expert layers when they are some but not all of the model's, else None."""
-    layers = [layer for layer in range(num_layers) if self.adapts_experts(layer, num_layers)]
+    layers = [layer for layer in range(num_layers) if self.adapts_experts(layer)]
     return tuple(layers) if layers and len(layers) < num_layers else None
 
 
@@ -112,7 +112,7 @@ def add_lora(model: GptOss, lora: LoraConfig, *, seed: int = 0) -> GptOss:
   if not isinstance(model, GptOss):
     raise ConfigError(f"add_lora needs a GPT-OSS model, got {type(model).__name__}")
   if has_lora(model):
-    raise ConfigError("add_lora: the model has adapters already (merge_lora first)")
+    raise ConfigError("add_lora: the model has adapters already (merge_lora folds them in)")
   num_layers = model.cfg.num_hidden_layers
   beyond = [layer for layer in lora.expert_layers if layer >= num_layers]
   if beyond:
@@ -135,7 +135,7 @@ def add_lora(model: GptOss, lora: LoraConfig, *, seed: int = 0) -> GptOss:
   for block, count, layer in _block_groups(model):
     for target in lora.targets:
       is_expert = target in adapters.EXPERT_TARGETS
-      if is_expert and (some if scanned else not lora.adapts_experts(layer, num_layers)):
+      if is_expert and (some if scanned else not lora.adapts_experts(layer)):
         continue  # scanned: beside the stacks (below); loop: only the chosen layers
       setattr(block.mlp if is_expert else block.attn, adapters.attribute(target),
               low_rank(target, count))
