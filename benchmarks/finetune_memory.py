@@ -152,6 +152,9 @@ def main(args: argparse.Namespace):
       start = time.perf_counter()
       execution = shipped.replace(expert_format=experts, dense_format=dense or "float")
       cfg = SHAPES[name].replace(num_hidden_layers=args.layers or SHAPES[name].num_hidden_layers)
+      if any(layer >= cfg.num_hidden_layers for layer in lora.expert_layers):
+        sys.exit(f"--layers {cfg.num_hidden_layers}: the adapted expert layers "
+                 f"{lora.expert_layers} do not exist; pass --expert-layers (all, or 0,1)")
       memory = step_memory(cfg, execution, lora, 1, args.length, device)
       label = ("QLoRA (MXFP4 experts)" if experts == "mxfp4" else "LoRA (bf16 experts)") + (
           " + int8" if dense else "")
