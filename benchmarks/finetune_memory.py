@@ -1,12 +1,13 @@
 """Device memory of one LoRA fine-tuning step at gpt-oss-20b and -120b shapes (XLA's analysis).
 
 Abstract weights (nnx.eval_shape): nothing is allocated, the step is only compiled. One step:
-the loss gradient w.r.t. the adapters (r 8 on q, k, v, o and both expert matrices of the
-layers the config picks, or of every layer), AdamW's update, the adapters and moments donated; batch 1 x 2,048 tokens, with the execution settings
-of configs/finetune_20b_lora.py (scanned layers, remat per block, chunked loss, experts a block
-at a time). QLoRA keeps the experts as published (MXFP4 blocks + scales, decoded in the step); the
-comparison row stores them dequantized to bf16. Memory = arguments + outputs - donated aliases
-+ temporaries.
+the loss gradient w.r.t. the adapters (r 8 on q, k, v, o and both expert matrices of the layers
+the config picks, or of every layer), AdamW's update, the adapters and moments donated; batch
+1 x 2,048 tokens, with the execution settings of configs/finetune_20b_lora.py (scanned layers,
+remat per block, chunked loss, experts a block at a time). QLoRA keeps the experts as
+published (MXFP4 blocks + scales, decoded in the step); `+int8` also stores the embedding and
+attention kernels as int8 (model/int8.py); the `float` row stores the experts dequantized to
+bf16. Memory = arguments + outputs - donated aliases + temporaries.
 
 `--target h100` compiles for an NVIDIA H100 without one: XLA:GPU's own buffer assignment,
 through JAX's CUDA plugin and a description of the device (benchmarks/targets/h100_sxm.txtpb),
