@@ -221,9 +221,9 @@ def _blocks_to_scan(blocks: Mapping) -> dict:
   # Expert adapters on some layers only cannot stack: they move beside the stacks.
   held = {i: {k: v for k, v in _raw(layer["mlp"]).items() if _is_expert_lora(k)}
           for i, layer in enumerate(layers) if "mlp" in layer}
-  held = {i: adapters for i, adapters in held.items() if adapters}
+  held = {i: owned for i, owned in held.items() if owned}
   if held and len(held) < num_layers:
-    node[LORA_EXPERTS] = {str(i): adapters for i, adapters in held.items()}
+    node[LORA_EXPERTS] = {str(i): owned for i, owned in held.items()}
     layers = [_without_expert_lora(layer) if i in held else layer
               for i, layer in enumerate(layers)]
   if num_layers >= 2:
@@ -243,9 +243,9 @@ def _blocks_to_loop(blocks: Mapping) -> dict:
       layers += [sliding, full]
   if LAST in blocks:
     layers.append(blocks[LAST])
-  for key, adapters in _raw(blocks.get(LORA_EXPERTS, {})).items():
+  for key, held in _raw(blocks.get(LORA_EXPERTS, {})).items():
     layer = _raw(layers[int(key)])
-    layers[int(key)] = {**layer, "mlp": {**_raw(layer.get("mlp", {})), **_raw(adapters)}}
+    layers[int(key)] = {**layer, "mlp": {**_raw(layer.get("mlp", {})), **_raw(held)}}
   return dict(enumerate(layers))
 
 
