@@ -26,6 +26,8 @@ def get_config() -> RunConfig:
       # What benchmarks/finetune_memory.py measures: scanned layers, each recomputed in the
       # backward pass; the loss in token chunks (never all [T, V] logits); experts a block at a
       # time (moe_impl auto is `looped` at these widths).
+      # 15.0 GB on an H100 for batch 1 x 2,048; `--config.execution.dense_format=int8` stores
+      # the frozen embedding and attention kernels as int8 too: 13.7 GB (docs/benchmarks.md).
       execution=ExecutionConfig(param_dtype="bfloat16", dtype="bfloat16", expert_format="mxfp4",
                                 remat="block", layers_impl="scan", loss_impl="chunked"),
       data=DataConfig(chat=ChatDataConfig(
