@@ -59,12 +59,14 @@ def _grads(model, tokens):
     ("loop", "sorted", (1, 1), "none"),  # a decode step: only the blocks' experts decoded
     ("scan", "looped", (2, 9), "none"),  # one block's expert decoded at a time
     ("scan", "looped", (2, 9), "block"),  # as configs/finetune_20b_lora.py runs
+    ("scan", "sorted", (1, 1), "none"),  # a scanned decode step: the blocks' experts indexed
     ("scan", "dense", (2, 9), "none")])
 def test_qlora_equals_lora_over_the_dequantized_base(layers_impl, moe_impl, shape, remat):
   tokens = jax.random.randint(jax.random.key(5), shape, 0, CFG.vocab_size)
-  # Looped over scanned pairs: two pairs and a last layer, so a pair that read another pair's
-  # experts from the whole MXFP4 stacks shows.
-  cfg = CFG.replace(num_hidden_layers=5) if moe_impl == "looped" else CFG
+  # Scanned pairs reading experts from the whole MXFP4 stacks: two pairs and a last layer, so a
+  # pair that read another pair's shows.
+  cfg = CFG.replace(num_hidden_layers=5) if moe_impl in ("looped", "sorted") and \
+      layers_impl == "scan" else CFG
   qlora = quantize(base_model(layers_impl, moe_impl, cfg=cfg, remat=remat))
   assert qlora.execution.expert_format == "mxfp4"
   add_lora(qlora, LORA, seed=1)
