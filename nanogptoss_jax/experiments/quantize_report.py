@@ -18,13 +18,11 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-from flax import nnx
-
 from nanogptoss_jax.data.config import DataConfig
 from nanogptoss_jax.evaluation.loading import load_model
 from nanogptoss_jax.evaluation.text import score_text, text_windows
 from nanogptoss_jax.experiments.compare_report import write_json
+from nanogptoss_jax.model.params import count_bytes
 from nanogptoss_jax.model.quantize import expert_bytes, quantize
 
 TABLE_FILE, RESULTS_FILE = "quantize.md", "quantize.json"
@@ -36,24 +34,16 @@ def measure(checkpoint: str, data: DataConfig, args) -> dict:
                                                    args.windows)
   whole = len(windows) // args.batch_size * args.batch_size  # training evaluates whole batches
   windows, weights = windows[:whole], weights[:whole]
-  before = score_text(model, windows, weights, bytes_per_token, batch_size=args.batch_size)
   quantized = quantize(model, experts="mxfp4")
-  after = score_text(quantized, windows, weights, bytes_per_token, batch_size=args.batch_size)
-  dense = quantize(model, experts=None, dense="int8")
-  both = quantize(quantized, experts=None, dense="int8")
-  score = lambda m: score_text(m, windows, weights, bytes_per_token, batch_size=args.batch_size)
+  variants = {"float": model, "mxfp4": quantized,
+              "int8": quantize(model, experts=None, dense="int8"),
+              "mxfp4_int8": quantize(quantized, experts=None, dense="int8")}
+  scores = {name: score_text(m, windows, weights, bytes_per_token, batch_size=args.batch_size)
+            for name, m in variants.items()}
   return {"checkpoint": checkpoint, "layers": model.cfg.num_hidden_layers,
-          "hidden": model.cfg.hidden_size, "experts": model.cfg.num_experts,
-          "float": before, "mxfp4": after, "int8": score(dense), "mxfp4_int8": score(both),
+          "hidden": model.cfg.hidden_size, "experts": model.cfg.num_experts, **scores,
           "expert_bytes_float": expert_bytes(model), "expert_bytes_mxfp4": expert_bytes(quantized),
-          "model_bytes": {"float": model_bytes(model), "mxfp4": model_bytes(quantized),
-                          "int8": model_bytes(dense), "mxfp4_int8": model_bytes(both)}}
-
-
-def model_bytes(model) -> int:
-  """Bytes of every parameter as stored."""
-  return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
-             for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+          "model_bytes": {name: count_bytes(m) for name, m in variants.items()}}
 
 
 def table(rows: list[dict]) -> str:

@@ -10,12 +10,12 @@ shrinks the frozen rest for LoRA fine-tuning and serving (not an exportable form
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from nanogptoss_jax.errors import UserError
 from nanogptoss_jax.model import int8, mxfp4
 from nanogptoss_jax.model.gptoss import GptOss
+from nanogptoss_jax.model.params import param_bytes
 
 EXPERT_FORMATS = ("mxfp4",)
 DENSE_FORMATS = ("int8",)
@@ -99,8 +99,8 @@ def quantize(model: GptOss, experts: str | None = "mxfp4", dense: str | None = N
 def expert_bytes(model: GptOss) -> int:
   """Bytes the expert matrices take (floats, or MXFP4 blocks and scales); biases left out."""
   names = set(MXFP4_STORAGE) | set(STORAGE_SOURCE)
-  return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
-             for path, v in nnx.to_flat_state(nnx.state(model)) if path[-1] in names)
+  return sum(param_bytes(v) for path, v in nnx.to_flat_state(nnx.state(model))
+             if path[-1] in names)
 
 
 @nnx.jit
