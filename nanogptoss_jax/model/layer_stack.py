@@ -135,13 +135,19 @@ class ScannedBlocks(nnx.Module):
     return adapters.PickedExperts(stacks, jnp.zeros((), jnp.int32), jnp.ones(()), scale), \
         jnp.asarray(slots), jnp.asarray(on)
 
+  def stacked(self, layer: int) -> tuple[nnx.Module, int | None]:
+    """Where layer `layer` lives: (its stack of Blocks, its entry), or (the last Block, None)."""
+    if layer == self.num_layers - 1 and self.last is not None:
+      return self.last, None
+    return (self.pairs.full if layer % 2 else self.pairs.sliding), layer // 2
+
   def block(self, layer: int) -> nnx.Module:
     """Layer `layer` as a Block of its own (a view: its arrays are slices of the stacks)."""
-    if layer == self.num_layers - 1 and self.last is not None:
-      return self.last
-    graphdef, state = nnx.split(self.pairs)
-    pair = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer // 2], state))
-    return pair.full if layer % 2 else pair.sliding
+    stack, entry = self.stacked(layer)
+    if entry is None:
+      return stack
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[entry], state))
 
 
 def _relabel(tree, stacked: bool):

@@ -13,7 +13,7 @@ from flax import nnx
 from nanogptoss_jax.model import adapters, int8, mxfp4
 from nanogptoss_jax.model.config import ConfigError
 from nanogptoss_jax.model.gptoss import GptOss
-from nanogptoss_jax.model.layer_stack import LORA_EXPERTS, ScannedBlocks
+from nanogptoss_jax.model.layer_stack import LORA_EXPERTS
 from nanogptoss_jax.model.lora import _block_groups, has_lora
 from nanogptoss_jax.model.quantize import quantization_error
 
@@ -92,16 +92,11 @@ def merge_lora(model: GptOss) -> GptOss:
         delattr(block.mlp, adapters.attribute(target))
   held = getattr(merged.blocks, LORA_EXPERTS, None)
   for key, owner in (held or {}).items():  # the scan layout's adapters of some layers' experts
-    layer = int(key)
-    if isinstance(merged.blocks, ScannedBlocks) and layer < cfg.num_hidden_layers // 2 * 2:
-      pairs = merged.blocks.pairs
-      mlp, at = (pairs.full if layer % 2 else pairs.sliding).mlp, layer // 2
-    else:
-      mlp, at = merged.block(layer).mlp, None
+    block, at = merged.blocks.stacked(int(key))
     for target in adapters.EXPERT_TARGETS:
       low_rank = adapters.adapter(owner, target)
       if low_rank is not None:
-        _add_expert(merged, mlp, target, _delta(low_rank), at)
+        _add_expert(merged, block.mlp, target, _delta(low_rank), at)
   if held is not None:
     setattr(merged.blocks, LORA_EXPERTS, None)
   del merged.lora_config
